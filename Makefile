@@ -1,0 +1,36 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := demo_out
+STAMP := $(VENV)/.installed
+# Demo teacher: a random-weight ViT-S stands in for H-optimus-0 (no downloads here).
+DEMO_TEACHER ?= vit_small_patch16_224
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+$(DEMO)/slides/.done: $(STAMP)
+	$(BIN)/g2l demo slides $(DEMO)/slides --n-slides 4 --centers 2 --seed 0
+	touch $@
+
+demo: install $(DEMO)/slides/.done
+	$(BIN)/g2l cache build $(DEMO)/slides --out $(DEMO)/cache --teacher $(DEMO_TEACHER) \
+		--random-init --max-tiles-per-slide 32 --views 4 --batch-size 32
+	$(BIN)/g2l cache info $(DEMO)/cache
+	@echo
+	@echo "cache:      $(DEMO)/cache   (tables: $(DEMO)/cache/*.parquet)"
+	@echo "QC images:  $(DEMO)/cache/qc/"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

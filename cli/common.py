@@ -1,0 +1,58 @@
+"""Helpers every command shares: TOML config merging and printing project errors without a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import tomllib
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from g2l_cache.errors import G2LError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def load_toml(path: Path | None, section: str | None = None) -> dict:
+    """Options from a TOML file (optionally one [section] of it); plain data, never evaluated."""
+    if path is None:
+        return {}
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise G2LError(f"config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise G2LError(f"config file {path} is not valid TOML: {exc}.") from None
+    if section and section in data and isinstance(data[section], dict):
+        data = data[section]
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_options(from_file: dict, **given) -> dict:
+    """File values, overridden by every CLI option the user actually gave (not None / not False)."""
+    merged = dict(from_file)
+    for key, value in given.items():
+        if value is None or value is False or value == [] or value == ():
+            continue
+        merged[key] = list(value) if isinstance(value, tuple) else value
+    return merged
+
+
+def handle_errors(fn):
+    """Print G2LError as one red line and exit 2, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except G2LError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted; committed work is kept, re-run to resume.[/]")
+            sys.exit(130)
+
+    return wrapper

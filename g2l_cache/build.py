@@ -1,0 +1,349 @@
+"""`g2l cache build`: slides -> tiles -> views -> teacher -> cache, resumable and sharded by rank.
+
+The build runs in three phases on each rank:
+  1. plan: open each slide of this rank's shards, detect tissue, pick tiles, write a QC picture and
+     commit the slide record (tile list included) to the slide's shard;
+  2. embed: a DataLoader (workers read, encode, decode and augment) feeds the teacher chunks of views
+     in a fixed order; each chunk's tile bytes and targets are committed in one LMDB transaction
+     by a background writer; committed chunks are skipped on a re-run;
+  3. finalise (rank 0, after a barrier): Parquet tables and the manifest are rebuilt from the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from g2l_cache.distributed import DistContext
+from g2l_cache.errors import G2LError
+from g2l_cache.layout import CACHE_FORMAT, SCHEMA_VERSION, CacheLayout, now_iso, read_manifest, write_manifest
+from g2l_cache.slides import SlideSpec, discover_slides, worker_count_hint
+from g2l_cache.store import BackgroundWriter, ShardWriter, encode_target, slide_key, target_key, tile_key
+from g2l_cache.teachers import TeacherSpec, load_teacher
+from g2l_cache.tile_codec import TILE_FORMATS
+from g2l_cache.tiling import TilingConfig
+from g2l_cache.views import ViewPolicy
+from g2l_cache.work import ChunkDataset, PlanDataset, view_id
+
+
+@dataclass
+class BuildConfig:
+    """Every option of `g2l cache build`; the CLI and TOML files fill this, nothing else."""
+
+    out: str
+    teacher: str
+    slides: list[str] = field(default_factory=list)
+    teacher_weights: str | None = None
+    random_init: bool = False
+    mpp: float = 0.5
+    mpp_override: float | None = None
+    tile_size: int = 256
+    crop_size: int = 224
+    views: int = 4
+    max_tiles_per_slide: int | None = None
+    tissue_threshold: float = 0.5
+    tissue_method: str = "otsu"
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = field(default_factory=worker_count_hint)
+    tile_format: str = "jpeg"
+    jpeg_quality: int = 95
+    shards: int | None = None
+    recursive: bool = False
+    strict: bool = False
+    cpu: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise G2LError(f"--views must be at least 1, got {self.views}.")
+        if self.batch_size < 1:
+            raise G2LError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.num_workers < 0:
+            raise G2LError("--num-workers cannot be negative.")
+        if self.tile_format not in TILE_FORMATS:
+            raise G2LError(f"--tile-format must be one of {', '.join(TILE_FORMATS)}.")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise G2LError("--jpeg-quality must be in 1..100.")
+        if self.shards is not None and self.shards < 1:
+            raise G2LError("--shards must be at least 1.")
+
+    def tiling(self) -> TilingConfig:
+        return TilingConfig(mpp=self.mpp, tile_size=self.tile_size,
+                            tissue_threshold=self.tissue_threshold,
+                            tissue_method=self.tissue_method,
+                            max_tiles_per_slide=self.max_tiles_per_slide)
+
+    def policy(self) -> ViewPolicy:
+        return ViewPolicy(tile_size=self.tile_size, crop_size=self.crop_size)
+
+    def settings(self) -> dict:
+        """What fixes the cache's keys and pixels: a resume must match it exactly."""
+        return {"tiling": self.tiling().to_dict(),
+                "views": {"per_tile": self.views, "policy": self.policy().to_dict()},
+                "seed": self.seed,
+                "tile_encoding": {"format": self.tile_format,
+                                  "quality": self.jpeg_quality if self.tile_format == "jpeg" else None}}
+
+    def teacher_spec(self) -> TeacherSpec:
+        return TeacherSpec(self.teacher, self.teacher_weights, self.random_init, self.seed)
+
+
+@dataclass
+class BuildSummary:
+    """What one build did; `failed` maps slide id to its error."""
+
+    cache: str
+    teacher_fingerprint: str
+    slides_ok: int
+    slides_failed: int
+    failed: dict[str, str]
+    tiles: int
+    views: int
+    targets_written: int
+    seconds: float
+    shards: list[int]
+
+    @property
+    def views_per_second(self) -> float:
+        return self.targets_written / self.seconds if self.seconds > 0 else 0.0
+
+
+def shard_of(slide_id: str, n_shards: int) -> int:
+    """The shard a slide lives in: a stable hash, so it never depends on rank count or order."""
+    digest = hashlib.blake2b(slide_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n_shards
+
+
+def _prepare_cache(cfg: BuildConfig, world_size: int) -> dict:
+    """Create a new cache or check that an existing one has the same settings; return its manifest."""
+    layout = CacheLayout(cfg.out)
+    if layout.root.exists() and not layout.root.is_dir():
+        raise G2LError(f"--out {layout.root} is a file; pass a folder for the cache.")
+    if layout.manifest.exists():
+        manifest = read_manifest(layout.root)
+        if manifest["settings"] != cfg.settings():
+            diffs = _diff(manifest["settings"], cfg.settings())
+            raise G2LError(f"{layout.root} was built with other tiling/view settings ({'; '.join(diffs)}); "
+                           "use the same settings to resume or add a teacher, or a new --out folder.")
+        return manifest
+    if layout.root.is_dir() and any(layout.root.iterdir()):
+        raise G2LError(f"--out {layout.root} exists and is not a g2l cache; choose a new or empty folder.")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": CACHE_FORMAT, "schema_version": SCHEMA_VERSION, "created": now_iso(),
+                "status": "building", "settings": cfg.settings(),
+                "n_shards": cfg.shards or world_size, "teachers": {}, "slide_inputs": [],
+                "counts": {}, "shards": []}
+    write_manifest(layout.root, manifest)
+    return manifest
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: cache has {a!r}, asked {b!r}")
+    return out
+
+
+def _slide_specs(cfg: BuildConfig, manifest: dict) -> list[SlideSpec]:
+    if cfg.slides:
+        return discover_slides(cfg.slides, cfg.mpp_override, cfg.recursive)
+    if manifest["slide_inputs"]:
+        # No SLIDES given: work on the slides this cache already knows (e.g. adding a teacher).
+        return [SlideSpec(**s) for s in manifest["slide_inputs"]]
+    raise G2LError("no SLIDES given and the cache has none yet; pass slide files, folders or a CSV.")
+
+
+def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
+    """Build or resume a cache as described by cfg; under torchrun each rank builds its shards."""
+    from g2l_cache.finalise import finalise_cache
+    from g2l_cache.progress import BuildProgress
+
+    started = time.time()
+    dist = DistContext.from_env(cpu=cfg.cpu)
+    layout = CacheLayout(cfg.out)
+    error = None
+    if dist.is_main:
+        try:
+            _prepare_cache(cfg, dist.world_size)
+        except G2LError as exc:
+            error = exc
+    dist.barrier()
+    if error is not None:
+        raise error
+    manifest = read_manifest(layout.root)
+    specs = _slide_specs(cfg, manifest)
+    n_shards = manifest["n_shards"]
+    my_shards = [s for s in range(n_shards) if s % dist.world_size == dist.rank]
+    teacher = load_teacher(cfg.teacher_spec(), img_size=cfg.crop_size, device=dist.device)
+    fp = teacher.fingerprint()
+
+    writers = {s: ShardWriter(layout.shard(s)) for s in my_shards}
+    by_shard = {s: [sp for sp in specs if shard_of(sp.slide_id, n_shards) == s] for s in my_shards}
+    my_specs = [sp for s in my_shards for sp in by_shard[s]]
+    progress = BuildProgress(enabled=cfg.progress and dist.is_main, console=console,
+                             n_slides=len(my_specs))
+    failed: dict[str, str] = {}
+    written = 0
+    try:
+        with progress:
+            records = _plan_slides(cfg, layout, my_specs, writers, n_shards, progress, failed)
+            written = _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed)
+    finally:
+        for w in writers.values():
+            w.close()
+    dist.barrier()
+    if dist.is_main:
+        finalise_cache(layout, specs, teacher.info(), dist.world_size)
+    dist.barrier()
+    manifest = read_manifest(layout.root)
+    counts = manifest["counts"]
+    all_failed = {s["slide_id"]: s["error"] for s in _failed_slides(layout)}
+    return BuildSummary(str(layout.root), fp, counts["slides_ok"], counts["slides_failed"],
+                        all_failed, counts["tiles"], counts["views"], written,
+                        time.time() - started, my_shards)
+
+
+def _failed_slides(layout: CacheLayout) -> list[dict]:
+    import polars as pl
+
+    if not layout.slides.exists():
+        return []
+    df = pl.read_parquet(layout.slides).filter(pl.col("status") == "failed")
+    return df.select("slide_id", "error").to_dicts()
+
+
+def _loader(dataset, cfg: BuildConfig, pin: bool):
+    from torch.utils.data import DataLoader
+
+    # forkserver: workers never inherit the writer's open LMDB environment (unsafe after fork).
+    kwargs = {}
+    if cfg.num_workers > 0:
+        kwargs = {"multiprocessing_context": "forkserver", "prefetch_factor": 4,
+                  "worker_init_fn": _worker_init}
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                      pin_memory=pin, collate_fn=_identity, **kwargs)
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list[dict]:
+    """Phase 1: plan every slide not planned yet; return the ok slide records in a fixed order."""
+    records: dict[str, dict] = {}
+    todo = []
+    for spec in specs:
+        rec = _read_record(writers[shard_of(spec.slide_id, n_shards)], spec.slide_id)
+        if rec is not None and rec["status"] == "ok" and rec["path"] == spec.path:
+            records[spec.slide_id] = rec
+        else:
+            todo.append(spec)
+    if todo:
+        dataset = PlanDataset(todo, cfg.tiling(), cfg.seed, str(layout.root))
+        for rec in _loader(dataset, cfg, pin=False):
+            shard = shard_of(rec["slide_id"], n_shards)
+            rec["shard"] = shard
+            writers[shard].commit([(slide_key(rec["slide_id"]), json.dumps(rec).encode())])
+            if rec["status"] == "ok":
+                records[rec["slide_id"]] = rec
+            else:
+                failed[rec["slide_id"]] = rec["error"]
+                progress.slide_done(rec["slide_id"], ok=False, error=rec["error"])
+    return [records[s.slide_id] for s in specs if s.slide_id in records]
+
+
+def _read_record(writer: ShardWriter, slide_id: str) -> dict | None:
+    value = writer.get(slide_key(slide_id))
+    return None if value is None else json.loads(value)
+
+
+def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed) -> int:
+    """Phase 2: run the teacher on every view that has no target yet; return targets written."""
+    chunks, total = [], 0
+    for rec in records:
+        writer = writers[rec["shard"]]
+        n_views = len(rec["tiles"]) * cfg.views
+        slide_missing = 0
+        for start in range(0, n_views, cfg.batch_size):
+            stop = min(start + cfg.batch_size, n_views)
+            keys = [target_key(fp, view_id(rec, v // cfg.views, v % cfg.views))
+                    for v in range(start, stop)]
+            missing = writer.missing(keys)
+            if any(missing):
+                chunks.append((rec["shard"], rec["slide_id"], start, stop,
+                               None if all(missing) else np.flatnonzero(missing) + start))
+                slide_missing += sum(missing)
+        total += slide_missing
+        if slide_missing == 0:
+            progress.slide_done(rec["slide_id"], ok=True, skipped=True)
+    progress.start_views(total)
+    if not chunks:
+        return 0
+    remaining = {}
+    for shard, slide_id, *_ in chunks:
+        remaining[slide_id] = remaining.get(slide_id, 0) + 1
+    dataset = ChunkDataset(chunks, str(layout.root), cfg.tiling(), cfg.policy(), cfg.views,
+                           cfg.seed, cfg.tile_format, cfg.jpeg_quality)
+    if cfg.num_workers == 0:
+        dataset.use_envs({s: w.env for s, w in writers.items()})
+    bg = BackgroundWriter(writers)
+    written = 0
+    try:
+        for item in _loader(dataset, cfg, pin=teacher.mean.device.type == "cuda"):
+            slide_id = item["slide_id"]
+            if slide_id in failed:
+                continue
+            if item["error"] is not None:
+                failed[slide_id] = item["error"]
+                rec = dict(records_by_id(records)[slide_id], status="failed", error=item["error"])
+                bg.put(item["shard"], [(slide_key(slide_id), json.dumps(rec).encode())])
+                progress.slide_done(slide_id, ok=False, error=item["error"])
+                continue
+            emb, patch = teacher.embed(item["views"])
+            emb, patch = emb.cpu().numpy(), patch.cpu().numpy()
+            puts = [(tile_key(t), b) for t, b in item["new_tiles"]]
+            puts += [(target_key(fp, vid), encode_target(emb[i], patch[i]))
+                     for i, vid in enumerate(item["view_ids"])]
+            bg.put(item["shard"], puts)
+            written += len(item["view_ids"])
+            progress.views_done(len(item["view_ids"]))
+            remaining[slide_id] -= 1
+            if remaining[slide_id] == 0:
+                progress.slide_done(slide_id, ok=True)
+    finally:
+        bg.close()
+    return written
+
+
+def records_by_id(records: list[dict]) -> dict[str, dict]:
+    return {r["slide_id"]: r for r in records}
+
+
+def config_from_dict(values: dict) -> BuildConfig:
+    """A BuildConfig from a plain mapping (TOML file + CLI options); unknown keys are an error."""
+    known = set(BuildConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise G2LError(f"unknown build option(s) {', '.join(unknown)}; see `g2l cache build --help`.")
+    return BuildConfig(**values)
+
+
+def config_to_dict(cfg: BuildConfig) -> dict:
+    return asdict(cfg)
+
+

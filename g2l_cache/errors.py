@@ -1,0 +1,5 @@
+"""The one error type g2l raises for bad input or state the user can fix."""
+
+
+class G2LError(Exception):
+    """A problem the user can fix; the message says what was wrong and what to do."""

@@ -1,0 +1,61 @@
+"""rich progress for a build: slides done/failed and views/s; silent when disabled (other ranks)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class BuildProgress:
+    """Two bars: slides (ok/failed) and views embedded, with throughput."""
+
+    def __init__(self, enabled: bool, n_slides: int, console: Console | None = None):
+        self.enabled = enabled
+        self.ok = self.failed = 0
+        self._seen: set[str] = set()
+        if not enabled:
+            self.progress = None
+            return
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), console=console or Console(stderr=True),
+                                 transient=False)
+        self.slides = self.progress.add_task("slides", total=n_slides, rate="")
+        self.views = self.progress.add_task("views", total=None, rate="", start=False)
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def slide_done(self, slide_id: str, ok: bool, skipped: bool = False, error: str | None = None) -> None:
+        if slide_id in self._seen and ok:
+            return
+        if slide_id not in self._seen:
+            self._seen.add(slide_id)
+            if self.progress:
+                self.progress.advance(self.slides)
+        if ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+            if self.progress:
+                self.progress.console.print(f"[yellow]slide {slide_id} failed:[/] {error}")
+        if self.progress:
+            self.progress.update(self.slides, rate=f"ok {self.ok} failed {self.failed}")
+
+    def start_views(self, total: int) -> None:
+        if self.progress:
+            self.progress.update(self.views, total=total)
+            self.progress.start_task(self.views)
+
+    def views_done(self, n: int) -> None:
+        if self.progress:
+            self.progress.advance(self.views, n)
+            task = self.progress.tasks[self.views]
+            speed = task.speed
+            self.progress.update(self.views, rate=f"{speed:.1f} views/s" if speed else "")

@@ -1,0 +1,152 @@
+"""Find slides (files, folders, CSV manifests) and open them through tiatoolbox with a known mpp."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from g2l_cache.errors import G2LError
+
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg",
+                    ".qptiff", ".scn", ".bif", ".vms", ".vmu")
+
+
+class SlideError(G2LError):
+    """One slide cannot be used; recorded against that slide, the build goes on."""
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """A slide to tile: its id, where it is, and an mpp that overrides its metadata if given."""
+
+    slide_id: str
+    path: str
+    mpp_override: float | None = None
+
+
+@dataclass(frozen=True)
+class OpenedSlide:
+    """An opened slide with the facts the cache records about it."""
+
+    reader: object  # tiatoolbox WSIReader
+    mpp: float
+    mpp_source: str  # "slide" or "override"
+    width: int
+    height: int
+    reader_name: str
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir() if p.is_file())
+
+
+def _slides_in_folder(folder: Path, recursive: bool) -> list[Path]:
+    if _is_dicom_folder(folder):
+        return [folder]
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and entry.suffix.lower() in SLIDE_EXTENSIONS:
+            found.append(entry)
+        elif entry.is_dir() and (entry.suffix.lower() == ".zarr" or _is_dicom_folder(entry)):
+            found.append(entry)
+        elif entry.is_dir() and recursive:
+            found.extend(_slides_in_folder(entry, recursive))
+    return found
+
+
+def _slides_from_csv(path: Path, mpp_override: float | None) -> list[SlideSpec]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise G2LError(f"{path}: a slide CSV needs a 'path' column (optional: slide_id, mpp).")
+        specs = []
+        for line, row in enumerate(reader, start=2):
+            slide_path = Path(row["path"])
+            if not slide_path.is_absolute():
+                slide_path = (path.parent / slide_path).resolve()
+            mpp = row.get("mpp") or None
+            try:
+                mpp_value = float(mpp) if mpp else mpp_override
+            except ValueError:
+                raise G2LError(f"{path}:{line}: mpp {mpp!r} is not a number.") from None
+            slide_id = (row.get("slide_id") or "").strip() or slide_path.stem
+            specs.append(SlideSpec(slide_id, str(slide_path), mpp_value))
+    return specs
+
+
+def discover_slides(inputs: list[str | Path], mpp_override: float | None = None,
+                    recursive: bool = False) -> list[SlideSpec]:
+    """Expand files, folders (searched for slide extensions) and CSVs into unique slide specs."""
+    if mpp_override is not None and mpp_override <= 0:
+        raise G2LError(f"--mpp-override must be positive, got {mpp_override}.")
+    specs: list[SlideSpec] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise G2LError(f"slide input {path} does not exist.")
+        if path.is_file() and path.suffix.lower() == ".csv":
+            specs.extend(_slides_from_csv(path, mpp_override))
+        elif path.is_dir() and path.suffix.lower() != ".zarr" and not _is_dicom_folder(path):
+            found = _slides_in_folder(path, recursive)
+            if not found:
+                raise G2LError(f"no slides found in folder {path} (looked for "
+                               f"{', '.join(SLIDE_EXTENSIONS)}{'' if recursive else '; add --recursive for sub-folders'}).")
+            specs.extend(SlideSpec(p.stem, str(p.resolve()), mpp_override) for p in found)
+        else:
+            specs.append(SlideSpec(path.stem, str(path.resolve()), mpp_override))
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.slide_id in seen and seen[spec.slide_id] != spec.path:
+            raise G2LError(f"two slides share the id {spec.slide_id!r}: {seen[spec.slide_id]} and "
+                           f"{spec.path}; give unique ids with a CSV 'slide_id' column.")
+        seen[spec.slide_id] = spec.path
+    unique = {s.slide_id: s for s in specs}
+    return [unique[k] for k in sorted(unique)]
+
+
+def open_slide(spec: SlideSpec) -> OpenedSlide:
+    """Open a slide with tiatoolbox's WSIReader.open; raise SlideError naming the fix if unusable."""
+    path = Path(spec.path)
+    if not path.exists():
+        raise SlideError(f"slide file {path} does not exist.")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SlideError(f"slide file {path} is empty.")
+    try:
+        from tiatoolbox.wsicore.wsireader import WSIReader
+
+        mpp_arg = (spec.mpp_override, spec.mpp_override) if spec.mpp_override else None
+        reader = WSIReader.open(path, mpp=mpp_arg)
+        info = reader.info
+    except Exception as exc:  # tiatoolbox, tifffile and OpenSlide raise many types
+        raise SlideError(f"cannot read {path.name} as a slide ({type(exc).__name__}: {exc}); "
+                         "check the file is a complete, supported WSI.") from None
+    if spec.mpp_override:
+        mpp, source = float(spec.mpp_override), "override"
+    elif info.mpp is not None and float(info.mpp[0]) > 0:
+        mpp, source = float(info.mpp[0]), "slide"
+    else:
+        raise SlideError(f"{path.name} has no mpp (microns per pixel) metadata; pass "
+                         "--mpp-override MPP, or an 'mpp' column in a slide CSV.")
+    width, height = (int(v) for v in info.slide_dimensions)
+    return OpenedSlide(reader, mpp, source, width, height, type(reader).__name__)
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """Size and mtime of a slide file (a folder: of its newest file), to notice changed inputs."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return {"size": None, "mtime": None}
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file()]
+        return {"size": sum(f.stat().st_size for f in files),
+                "mtime": max((f.stat().st_mtime for f in files), default=st.st_mtime)}
+    return {"size": st.st_size, "mtime": st.st_mtime}
+
+
+def worker_count_hint() -> int:
+    """A sensible default number of loader workers for this machine."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))

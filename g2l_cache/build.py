@@ -205,7 +205,7 @@ def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
     dist.barrier()
     if dist.is_main:
         finalise_cache(layout, specs, teacher.info(), dist.world_size)
-    dist.barrier()
+    written = dist.all_sum(written)
     manifest = read_manifest(layout.root)
     counts = manifest["counts"]
     all_failed = {s["slide_id"]: s["error"] for s in _failed_slides(layout)}
@@ -299,8 +299,6 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed) -
         remaining[slide_id] = remaining.get(slide_id, 0) + 1
     dataset = ChunkDataset(chunks, str(layout.root), cfg.tiling(), cfg.policy(), cfg.views,
                            cfg.seed, cfg.tile_format, cfg.jpeg_quality)
-    if cfg.num_workers == 0:
-        dataset.use_envs({s: w.env for s, w in writers.items()})
     bg = BackgroundWriter(writers)
     written = 0
     try:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from g2l_cache.layout import CacheLayout, read_manifest, write_manifest
 from g2l_cache.slides import SlideSpec
-from g2l_cache.store import iter_prefix, open_env, target_prefix, unpack
+from g2l_cache.store import close_env, iter_prefix, shared_env, target_prefix, unpack
 from g2l_cache.views import ViewPolicy, sample_view, view_param_names
 from g2l_cache.work import make_view_id
 from g2l_cache.tiling import make_tile_id
@@ -83,7 +83,7 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
             shard_states.append({"index": shard, "path": str(path.relative_to(layout.root)),
                                  "state": "empty", "slides": 0, "tiles": 0, "bytes": 0})
             continue
-        env = open_env(path, readonly=True)
+        env = shared_env(path)
         shard_tiles = shard_slides = 0
         try:
             for key, value in iter_prefix(env, b"slide/"):
@@ -98,7 +98,7 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
             for fp in teachers:
                 target_counts[fp] += sum(1 for _ in iter_prefix(env, target_prefix(fp), values=False))
         finally:
-            env.close()
+            close_env(path)
         n_tiles += shard_tiles
         shard_states.append({"index": shard, "path": str(path.relative_to(layout.root)),
                              "state": "complete", "slides": shard_slides, "tiles": shard_tiles,

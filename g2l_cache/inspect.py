@@ -10,7 +10,7 @@ import torch
 
 from g2l_cache.layout import CacheLayout, read_manifest
 from g2l_cache.reader import CacheReader
-from g2l_cache.store import CorruptValue, iter_prefix, open_env, target_prefix, unpack
+from g2l_cache.store import CorruptValue, iter_prefix, shared_env, target_prefix, unpack
 
 
 def _dir_bytes(path: Path) -> int:
@@ -53,20 +53,17 @@ def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cp
         path = layout.shard(shard)
         if not path.exists():
             continue
-        env = open_env(path, readonly=True)
-        try:
-            for key, value in iter_prefix(env, b""):
-                checked += 1
-                try:
-                    unpack(value, key)
-                except CorruptValue as exc:
-                    problems.append(f"shard {shard}: {exc}")
-                if key.startswith(b"tile/"):
-                    tile_present.add(key[5:].decode())
-            for fp in teachers:
-                target_counts[fp] += sum(1 for _ in iter_prefix(env, target_prefix(fp), values=False))
-        finally:
-            env.close()
+        env = shared_env(path)
+        for key, value in iter_prefix(env, b""):
+            checked += 1
+            try:
+                unpack(value, key)
+            except CorruptValue as exc:
+                problems.append(f"shard {shard}: {exc}")
+            if key.startswith(b"tile/"):
+                tile_present.add(key[5:].decode())
+        for fp in teachers:
+            target_counts[fp] += sum(1 for _ in iter_prefix(env, target_prefix(fp), values=False))
     missing_tiles = set(tiles["tile_id"].to_list()) - tile_present
     if missing_tiles:
         problems.append(f"{len(missing_tiles)} tiles in tiles.parquet have no stored pixels "

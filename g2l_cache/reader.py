@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
-import lmdb
 import numpy as np
 import polars as pl
 import torch
 
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, read_manifest
-from g2l_cache.store import decode_target, open_env, target_key, tile_key, unpack
+from g2l_cache.store import close_env, decode_target, get_value, shared_env, target_key, tile_key
 from g2l_cache.tile_codec import decode_tile
 from g2l_cache.views import ViewParams, ViewPolicy, apply_view
 
@@ -32,8 +29,6 @@ class CacheReader:
         self.policy = ViewPolicy(**settings["views"]["policy"])
         self.views_per_tile = settings["views"]["per_tile"]
         self.seed = settings["seed"]
-        self._envs: dict[int, lmdb.Environment] = {}
-        self._pid = os.getpid()
 
     # -- tables ------------------------------------------------------------------------------
     def slides(self) -> pl.DataFrame:
@@ -60,26 +55,12 @@ class CacheReader:
         raise G2LError(f"cache has no teacher {key!r}; it has {', '.join(teachers)}.")
 
     # -- values ------------------------------------------------------------------------------
-    def _env(self, shard: int) -> lmdb.Environment:
-        if os.getpid() != self._pid:  # forked worker: never reuse the parent's environments
-            self._envs, self._pid = {}, os.getpid()
-        if shard not in self._envs:
-            self._envs[shard] = open_env(self.layout.shard(shard), readonly=True)
-        return self._envs[shard]
-
     def _get(self, shard: int, key: bytes) -> bytes:
-        env = self._env(shard)
-        try:
-            with env.begin(buffers=False) as txn:
-                value = txn.get(key)
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)
-            with env.begin() as txn:
-                value = txn.get(key)
+        value = get_value(shared_env(self.layout.shard(shard)), key)
         if value is None:
             raise G2LError(f"cache shard {shard} has no value for {key.decode()}; the cache is "
                            "incomplete (re-run `g2l cache build`).")
-        return unpack(value, key)
+        return value
 
     def tile_bytes(self, tile_id: str, shard: int) -> bytes:
         return self._get(shard, tile_key(tile_id))
@@ -98,10 +79,7 @@ class CacheReader:
         pixels = self.tile_pixels(view_row["tile_id"], view_row["shard"])
         return apply_view(pixels, ViewParams.from_dict(view_row))
 
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__, _envs={})
-
     def close(self) -> None:
-        for env in self._envs.values():
-            env.close()
-        self._envs = {}
+        """Close this process's handles on the cache's shards."""
+        for shard in range(self.manifest["n_shards"]):
+            close_env(self.layout.shard(shard))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import struct
 import threading
@@ -62,21 +63,56 @@ def decode_target(payload: bytes, embed_dim: int) -> tuple[np.ndarray, np.ndarra
     return arr[:embed_dim], arr[embed_dim:]
 
 
-def open_env(path: Path, readonly: bool) -> lmdb.Environment:
-    """Open one shard; read-only opens are safe while another process writes or reads."""
-    if readonly and not path.exists():
+_OPEN: dict[str, tuple[int, lmdb.Environment, bool]] = {}
+
+
+def shared_env(path: Path, write: bool = False) -> lmdb.Environment:
+    """The one environment of this shard in this process (LMDB allows one per process and path).
+
+    Readers get the writer's environment when this process is writing the shard; a writer replaces
+    a read-only one. A forked child never reuses its parent's handles.
+    """
+    key, pid = os.path.realpath(path), os.getpid()
+    entry = _OPEN.get(key)
+    if entry is not None and entry[0] == pid:
+        if not write or entry[2]:
+            return entry[1]
+        entry[1].close()
+    if not write and not Path(path).exists():
         raise G2LError(f"cache shard {path} is missing; the cache is incomplete.")
-    return lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, subdir=True, readonly=readonly,
-                     lock=True, readahead=False, max_dbs=0, max_readers=512)
+    if write:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, subdir=True, readonly=not write,
+                    lock=True, readahead=False, max_dbs=0, max_readers=512)
+    _OPEN[key] = (pid, env, write)
+    return env
+
+
+def close_env(path: Path) -> None:
+    """Close this process's environment of a shard, if open."""
+    entry = _OPEN.pop(os.path.realpath(path), None)
+    if entry is not None and entry[0] == os.getpid():
+        entry[1].close()
+
+
+def get_value(env: lmdb.Environment, key: bytes) -> bytes | None:
+    """Read and verify one value; follows a map the writer has grown meanwhile."""
+    try:
+        with env.begin() as txn:
+            value = txn.get(key)
+    except lmdb.MapResizedError:
+        env.set_mapsize(0)
+        with env.begin() as txn:
+            value = txn.get(key)
+    return None if value is None else unpack(value, key)
 
 
 class ShardWriter:
     """Writes batches to one shard, one transaction per batch, growing the map when it fills."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.env = open_env(path, readonly=False)
+        self.env = shared_env(path, write=True)
 
     def commit(self, puts: list[tuple[bytes, bytes]]) -> None:
         """Write all (key, payload) pairs atomically; payloads get checksums here."""
@@ -99,12 +135,10 @@ class ShardWriter:
             return [txn.get(k) is None for k in keys]
 
     def get(self, key: bytes) -> bytes | None:
-        with self.env.begin() as txn:
-            value = txn.get(key)
-        return None if value is None else unpack(value, key)
+        return get_value(self.env, key)
 
     def close(self) -> None:
-        self.env.close()
+        close_env(self.path)
 
 
 class BackgroundWriter:
@@ -157,9 +191,3 @@ def iter_prefix(env: lmdb.Environment, prefix: bytes, values: bool = True):
             if not key.startswith(prefix):
                 return
             yield key, (value if values else None)
-
-
-def read_json(env: lmdb.Environment, key: bytes) -> dict | None:
-    with env.begin() as txn:
-        value = txn.get(key)
-    return None if value is None else json.loads(unpack(value, key))

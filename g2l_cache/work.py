@@ -6,7 +6,6 @@ import json
 import traceback
 from collections import OrderedDict
 
-import lmdb
 import torch
 from torch.utils.data import Dataset
 
@@ -14,7 +13,7 @@ from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout
 from g2l_cache.qc import write_qc_png
 from g2l_cache.slides import OpenedSlide, SlideSpec, file_fingerprint, open_slide
-from g2l_cache.store import open_env, slide_key, tile_key, unpack
+from g2l_cache.store import get_value, shared_env, slide_key, tile_key, unpack
 from g2l_cache.tile_codec import decode_tile, encode_tile
 from g2l_cache.tiling import TileRecord, TilingConfig, make_tile_id, plan_tiles, read_tile
 from g2l_cache.views import ViewPolicy, apply_view, sample_view
@@ -86,34 +85,19 @@ class ChunkDataset(Dataset):
         self.layout = CacheLayout(cache_root)
         self.tiling, self.policy, self.k, self.seed = tiling, policy, views_per_tile, seed
         self.tile_format, self.jpeg_quality = tile_format, jpeg_quality
-        self._envs: dict[int, lmdb.Environment] = {}
         self._records: dict[str, dict] = {}
         self._slides: OrderedDict[str, OpenedSlide] = OrderedDict()
-
-    def use_envs(self, envs: dict[int, lmdb.Environment]) -> None:
-        """In-process use (no workers): share the writer's environments instead of opening twice."""
-        self._envs = dict(envs)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_envs={}, _records={}, _slides=OrderedDict())
+        state.update(_records={}, _slides=OrderedDict())
         return state
 
     def _get(self, shard: int, key: bytes) -> bytes | None:
-        if shard not in self._envs:
-            self._envs[shard] = open_env(self.layout.shard(shard), readonly=True)
-        env = self._envs[shard]
-        try:
-            with env.begin() as txn:
-                value = txn.get(key)
-        except lmdb.MapResizedError:  # the writer grew the map; adopt its size and retry
-            env.set_mapsize(0)
-            with env.begin() as txn:
-                value = txn.get(key)
-        return None if value is None else unpack(value, key)
+        return get_value(shared_env(self.layout.shard(shard)), key)
 
     def _record(self, shard: int, slide_id: str) -> dict:
         if slide_id not in self._records:
@@ -155,15 +139,3 @@ class ChunkDataset(Dataset):
         except Exception as exc:
             out["error"] = f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=1).strip().splitlines()[-1]})"
         return out
-
-
-def read_slide_record(env: lmdb.Environment, slide_id: str) -> dict | None:
-    """A slide's record from a shard environment, or None."""
-    with env.begin() as txn:
-        value = txn.get(slide_key(slide_id))
-    return None if value is None else json.loads(unpack(value))
-
-
-def tile_ids(record: dict) -> list[str]:
-    return [make_tile_id(record["slide_id"], t[0], t[1]) for t in record["tiles"]]
-

@@ -1,0 +1,145 @@
+"""A built cache: tables, replay equality with the teacher input, mpp handling, info and verify."""
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from conftest import cache_items, run_cli, small_config
+from g2l_cache.build import run_build
+from g2l_cache.inspect import cache_info, verify_cache
+from g2l_cache.reader import CacheReader
+from g2l_cache.store import close_env, shared_env, target_key
+from g2l_cache.teachers import TeacherSpec, load_teacher
+from g2l_cache.tiling import TilingConfig
+from g2l_cache.views import ViewParams, sample_view
+from g2l_cache.work import ChunkDataset
+
+
+def test_tables_and_manifest_agree(built_cache):
+    reader = CacheReader(str(built_cache))
+    slides, tiles, views = reader.slides(), reader.tiles(), reader.views()
+    m = reader.manifest
+    assert m["status"] == "complete" and m["counts"]["slides_ok"] == slides.height == 3
+    assert tiles.height == m["counts"]["tiles"] and views.height == tiles.height * 2
+    assert tiles.group_by("slide_id").len()["len"].max() <= 10
+    assert (tiles["tissue_fraction"] >= 0.5).all()
+    teacher = reader.teacher()
+    assert teacher["n_targets"] == views.height and teacher["complete"]
+    for name in ViewParams.__dataclass_fields__:
+        assert name in views.columns
+    # every stored view's params are regenerated alone from its key
+    for row in views.sample(20, seed=0).to_dicts():
+        assert ViewParams.from_dict(row) == sample_view(0, row["tile_id"], row["view_index"],
+                                                        reader.policy)
+    assert sorted(p.name for p in (built_cache / "qc").glob("*.png")) == \
+        sorted(f"{s}.png" for s in slides["slide_id"].to_list())
+
+
+def test_mpp_is_read_from_the_slide_and_tiles_cover_the_right_area(built_cache):
+    slides = CacheReader(str(built_cache)).slides()
+    tiles = CacheReader(str(built_cache)).tiles()
+    mpps = dict(zip(slides["slide_id"], slides["mpp"]))
+    assert sorted(set(mpps.values())) == [0.25, 0.5]
+    assert set(slides["mpp_source"]) == {"slide"}
+    for row in tiles.select("slide_id", "size0", "read_mpp").unique().to_dicts():
+        # a 64 px tile at 0.5 mpp covers 64 level-0 px at 0.5 mpp, 128 at 0.25 mpp
+        assert row["size0"] == round(64 * row["read_mpp"] / mpps[row["slide_id"]])
+
+
+def test_replayed_view_equals_the_teacher_input_bit_for_bit(built_cache):
+    reader = CacheReader(str(built_cache))
+    views = reader.views()
+    slide_id = views["slide_id"][0]
+    rows = views.filter(pl.col("slide_id") == slide_id).head(8).to_dicts()
+    settings = reader.manifest["settings"]
+    # The build's own data path, on the stored bytes, as the teacher got them.
+    ds = ChunkDataset([(rows[0]["shard"], slide_id, 0, 8, None)], str(built_cache),
+                      TilingConfig(**settings["tiling"]), reader.policy, 2, 0, "jpeg", 95)
+    item = ds[0]
+    assert item["error"] is None and item["new_tiles"] == []
+    assert item["view_ids"] == [r["view_id"] for r in rows]
+    for i, row in enumerate(rows):
+        assert torch.equal(item["views"][i], reader.replay(row))
+    # and the stored target is the teacher's output on that input (fp16 storage)
+    info = reader.teacher()
+    teacher = load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"])
+    emb, patch = teacher.embed(torch.stack([reader.replay(r) for r in rows]))
+    for i, row in enumerate(rows):
+        s_emb, s_patch = reader.target(info["fingerprint"], row["view_id"], row["shard"])
+        np.testing.assert_allclose(s_emb.astype(np.float32), emb[i].numpy(), atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(s_patch.astype(np.float32), patch[i].numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_info_reports_counts_and_sizes(built_cache):
+    info = cache_info(str(built_cache))
+    assert info["slides_ok"] == 3 and info["views"] == info["tiles"] * 2
+    assert info["bytes_per_view"] > 0 and info["bytes_on_disk"] >= info["bytes_in_shards"]
+    out = run_cli("cache", "info", str(built_cache), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["views"] == info["views"]
+
+
+def test_verify_passes_then_catches_a_corrupted_value(built_cache, tmp_path):
+    report = verify_cache(str(built_cache), recompute=4)
+    assert report["problems"] == []
+    (rec,) = report["recompute"].values()
+    assert rec["max_abs_diff_embedding"] < 5e-3 and rec["min_cosine"] > 0.999
+    bad = tmp_path / "bad"
+    shutil.copytree(built_cache, bad)
+    reader = CacheReader(str(bad))
+    row = reader.views().row(0, named=True)
+    key = target_key(reader.teacher()["fingerprint"], row["view_id"])
+    env = shared_env(reader.layout.shard(row["shard"]), write=True)
+    with env.begin(write=True) as txn:
+        value = bytearray(txn.get(key))
+        value[3] ^= 0xFF  # flip bits inside the payload, keep the stored checksum
+        txn.put(key, bytes(value))
+    close_env(reader.layout.shard(row["shard"]))
+    problems = verify_cache(str(bad))["problems"]
+    assert len(problems) == 1 and "checksum mismatch" in problems[0] and row["view_id"] in problems[0]
+    out = run_cli("cache", "verify", str(bad))
+    assert out.returncode == 1 and "checksum mismatch" in out.stdout
+
+
+def test_mpp_override_and_csv(demo_dir, tmp_path):
+    no_mpp = demo_dir / "no_mpp" / "slide-no-mpp.tif"
+    csv = tmp_path / "slides.csv"
+    csv.write_text(f"path,slide_id,mpp\n{no_mpp},nompp,0.5\n")
+    out = tmp_path / "c"
+    summary = run_build(small_config(out, [csv], max_tiles_per_slide=3))
+    assert summary.slides_ok == 1 and summary.slides_failed == 0
+    slides = CacheReader(str(out)).slides()
+    assert slides["mpp_source"].to_list() == ["override"] and slides["mpp"].to_list() == [0.5]
+    out2 = tmp_path / "c2"
+    summary = run_build(small_config(out2, [no_mpp], mpp_override=0.5, max_tiles_per_slide=3))
+    assert summary.slides_ok == 1
+
+
+def test_resume_of_a_complete_cache_writes_nothing(built_cache, demo_dir):
+    before = cache_items(built_cache)
+    summary = run_build(small_config(built_cache, [demo_dir]))
+    assert summary.targets_written == 0
+    assert cache_items(built_cache) == before
+
+
+def test_png_tiles_are_lossless(demo_dir, tmp_path):
+    out = tmp_path / "png"
+    run_build(small_config(out, [sorted(demo_dir.glob("*.tif"))[0]], tile_format="png",
+                           max_tiles_per_slide=2))
+    reader = CacheReader(str(out))
+    row = reader.tiles().row(0, named=True)
+    assert reader.tile_bytes(row["tile_id"], row["shard"])[:4] == b"\x89PNG"
+    from g2l_cache.slides import open_slide, SlideSpec
+    from g2l_cache.tiling import TileRecord, read_tile
+
+    slide_row = reader.slides().row(0, named=True)
+    slide = open_slide(SlideSpec(slide_row["slide_id"], slide_row["path"]))
+    raw = read_tile(slide, TileRecord(row["tile_id"], row["x"], row["y"], row["size0"], 1.0),
+                    TilingConfig(tile_size=64))
+    assert np.array_equal(reader.tile_pixels(row["tile_id"], row["shard"]), raw)
+
+

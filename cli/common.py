@@ -13,7 +13,7 @@ from rich.console import Console
 from g2l_cache.errors import G2LError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def load_toml(path: Path | None, section: str | None = None) -> dict:

@@ -11,6 +11,7 @@ from g2l_cache.errors import G2LError
 from g2l_cache.slides import OpenedSlide, SlideError
 
 TISSUE_METHODS = ("otsu", "morphological")
+MIN_TISSUE_CONTRAST = 15.0  # grey levels between background and tissue means
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ def tissue_mask(slide: OpenedSlide, cfg: TilingConfig) -> tuple[np.ndarray, np.n
     else:
         masker = tissuemask.OtsuTissueMasker()
     mask = masker.fit_transform([thumb])[0].astype(bool)
+    gray = thumb.astype(np.float32).mean(axis=2)
+    if mask.any() and (~mask).any():
+        # Otsu always splits, even a blank slide's scanner noise: demand real contrast.
+        if gray[~mask].mean() - gray[mask].mean() < MIN_TISSUE_CONTRAST:
+            mask[:] = False
     return thumb, mask
 
 

@@ -1,0 +1,54 @@
+"""Demo slides are real pyramidal WSIs; the worker data path and map growth give the same cache."""
+
+import openslide
+import pytest
+from typer.testing import CliRunner
+
+import g2l_cache.store as store
+from cli.main import app
+from conftest import cache_items, small_config
+from g2l_cache.build import run_build
+from g2l_cache.slides import SlideSpec, open_slide
+
+
+def test_demo_slides_are_pyramidal_tiffs_with_mpp(demo_dir):
+    slides = sorted(demo_dir.glob("*.tif"))
+    assert len(slides) == 3
+    for path in slides:
+        opened = open_slide(SlideSpec(path.stem, str(path)))
+        assert opened.reader_name == "TIFFWSIReader" and opened.mpp in (0.25, 0.5)
+        assert opened.reader.info.level_count == 3
+        osr = openslide.OpenSlide(str(path))
+        assert osr.level_count == 3 and float(osr.properties["openslide.mpp-x"]) == opened.mpp
+    no_mpp = demo_dir / "no_mpp" / "slide-no-mpp.tif"
+    assert "openslide.mpp-x" not in openslide.OpenSlide(str(no_mpp)).properties
+
+
+def test_demo_slides_command(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "slides", str(tmp_path / "s"), "--n-slides", "2",
+                                      "--centers", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "s").glob("*.tif"))) == 2
+    bad = CliRunner().invoke(app, ["demo", "slides", str(tmp_path / "t"), "--centers", "9"])
+    assert bad.exit_code == 2 and "--centers" in bad.output
+
+
+def test_worker_processes_build_the_same_cache(built_cache, demo_dir, tmp_path):
+    out = tmp_path / "workers"
+    run_build(small_config(out, [demo_dir], num_workers=2))
+    assert cache_items(out) == cache_items(built_cache)
+
+
+def test_lmdb_map_grows_when_full(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "INITIAL_MAP_SIZE", 64 * 1024)
+    out = tmp_path / "tiny-map"
+    summary = run_build(small_config(out, [sorted(demo_dir.glob("*.tif"))[0]]))
+    assert summary.targets_written == summary.views > 0
+    assert (out / "shards" / "00000.lmdb" / "data.mdb").stat().st_size > 64 * 1024
+
+
+@pytest.mark.parametrize("cmd", [[], ["cache"], ["cache", "build"], ["cache", "info"],
+                                 ["cache", "verify"], ["demo", "slides"]])
+def test_every_command_has_help(cmd):
+    result = CliRunner().invoke(app, [*cmd, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output

@@ -1,0 +1,133 @@
+"""The student: a timm backbone plus projection heads into the teacher's embedding space."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from g2l_cache.errors import G2LError
+from g2l_cache.teachers import split_embedding
+from g2l_cache.weights import create_timm_model, load_state_dict_file
+
+DEFAULT_STUDENT = "vit_large_patch14_reg4_dinov2"
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span the global batch across processes.
+
+    With Accelerate's split batches this makes an N-process step compute exactly what one process
+    computes on the whole batch. Its state dict is a plain BatchNorm1d's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        x32 = x.float()
+        stats = torch.cat([x32.sum(0), (x32 * x32).sum(0),
+                           torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            stats = all_reduce(stats)
+        d = x.shape[1]
+        n = stats[-1]
+        mean = stats[:d] / n
+        var = (stats[d:2 * d] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
+        y = (x32 - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
+    """G2L's projection: Linear(student dim -> teacher dim) + BatchNorm1d."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), GlobalBatchNorm1d(out_dim))
+
+
+class Student(nn.Module):
+    """Backbone + heads; takes [0, 1] views, normalises with the student's own mean/std."""
+
+    def __init__(self, backbone: nn.Module, arch: str, img_size: int, mean, std,
+                 head_dims: dict[str, int]):
+        super().__init__()
+        self.backbone = backbone
+        self.arch = arch
+        self.img_size = img_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        with torch.no_grad():
+            was = backbone.training
+            backbone.eval()
+            cls, patch = self._features(torch.zeros(2, 3, img_size, img_size))
+            backbone.train(was)
+        self.embed_dim, self.patch_dim = cls.shape[1], patch.shape[1]
+        self.heads = nn.ModuleDict({
+            "cls": projection_head(self.embed_dim, head_dims["cls"]),
+            "mean-patch": projection_head(self.patch_dim, head_dims["mean-patch"]),
+        })
+
+    def preprocess(self, views: torch.Tensor) -> torch.Tensor:
+        x = (views - self.mean) / self.std
+        if x.shape[-1] != self.img_size:
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bicubic",
+                              align_corners=False, antialias=True)
+        return x
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.backbone.forward_features(x)
+        return split_embedding(self.backbone, feats, "cls")
+
+    def embed(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS embedding, mean patch token) of the backbone: what users take downstream."""
+        return self._features(self.preprocess(views))
+
+    def forward(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Projected outputs per target kind, plus the raw backbone embedding."""
+        cls, patch = self.embed(views)
+        return {"cls": self.heads["cls"](cls), "mean-patch": self.heads["mean-patch"](patch),
+                "embedding": cls}
+
+
+def build_student(arch: str, img_size: int, head_dims: dict[str, int], weights: str | None = None,
+                  random_init: bool = False, head_weights: str | None = None) -> Student:
+    """Create the student backbone (timm) and heads; weights from a local file, or random."""
+    import timm
+
+    kwargs = {"num_classes": 0}
+    if any(k in arch for k in ("vit", "deit", "eva", "beit")):
+        kwargs["img_size"] = img_size
+    if weights and random_init:
+        raise G2LError("give either --student-weights or --random-init, not both.")
+    if weights:
+        backbone = create_timm_model(arch, state_dict=load_state_dict_file(weights), what="student",
+                                     **kwargs)
+    elif random_init:
+        backbone = create_timm_model(arch, what="student", **kwargs)
+    else:
+        backbone = create_timm_model(arch, hf_hub_id=f"timm/{arch}", what="student", **kwargs)
+    cfg = timm.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    student = Student(backbone, arch, img_size, cfg.get("mean", (0.485, 0.456, 0.406)),
+                      cfg.get("std", (0.229, 0.224, 0.225)), head_dims)
+    if head_weights:
+        load_heads(student, head_weights)
+    return student
+
+
+def load_heads(student: Student, path: str) -> None:
+    """Load projection heads saved by an export; clear error if their teacher dims differ."""
+    sd = load_state_dict_file(path)
+    own = student.heads.state_dict()
+    for key, value in sd.items():
+        if key in own and own[key].shape != value.shape:
+            raise G2LError(f"head weights {path} were trained for another teacher dimension "
+                           f"({key}: {tuple(value.shape)} vs {tuple(own[key].shape)} here).")
+    missing = student.heads.load_state_dict(sd, strict=False)
+    if missing.missing_keys and len(missing.missing_keys) == len(own):
+        raise G2LError(f"{path} holds no projection-head weights.")

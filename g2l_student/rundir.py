@@ -1,0 +1,177 @@
+"""A run folder: config, cache fingerprint, metrics CSV, loss curve, checkpoints, export."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from g2l_cache.errors import G2LError
+from g2l_cache.layout import now_iso
+
+RUN_FORMAT = "g2l-run"
+METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds"]
+
+
+def cache_fingerprint(manifest: dict, teacher_fp: str) -> str:
+    """What the run depends on in the cache: settings, the teacher's targets, and the counts."""
+    blob = json.dumps({"settings": manifest["settings"], "teacher": teacher_fp,
+                       "targets": manifest["teachers"][teacher_fp].get("n_targets"),
+                       "counts": manifest.get("counts")}, sort_keys=True)
+    return hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()
+
+
+def to_toml(values: dict) -> str:
+    """Flat mapping of scalars/lists to TOML (None values are left out)."""
+    def fmt(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return json.dumps(str(v))
+    return "".join(f"{k} = {fmt(v)}\n" for k, v in values.items() if v is not None)
+
+
+class RunDir:
+    """Paths and bookkeeping of one student run."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.run_json = self.root / "run.json"
+        self.config = self.root / "config.toml"
+        self.metrics = self.root / "metrics.csv"
+        self.loss_png = self.root / "loss.png"
+        self.checkpoints = self.root / "checkpoints"
+        self.epochs = self.root / "epochs"
+        self.export = self.root / "export"
+        self.fidelity = self.root / "fidelity.json"
+
+    def prepare(self, config: dict, cache_fp: str, resume: bool, overwrite: bool) -> dict:
+        """Create a new run, or check one for resuming; refuse to clobber anything else."""
+        if self.root.exists() and not self.root.is_dir():
+            raise G2LError(f"--out {self.root} is a file; pass a folder for the run.")
+        if self.run_json.exists():
+            info = self.info()
+            if resume:
+                if info["cache_fingerprint"] != cache_fp:
+                    raise G2LError(f"the cache changed since run {self.root} started (fingerprint "
+                                   f"{info['cache_fingerprint']} -> {cache_fp}); start a new run.")
+                return info
+            if not overwrite:
+                raise G2LError(f"{self.root} holds another run; pass --resume to continue it or "
+                               "--overwrite to replace it.")
+            shutil.rmtree(self.root)
+        elif self.root.is_dir() and any(self.root.iterdir()):
+            raise G2LError(f"--out {self.root} exists and is not a g2l run; choose a new or empty folder.")
+        elif resume:
+            raise G2LError(f"nothing to resume in {self.root}; start the run without --resume.")
+        self.root.mkdir(parents=True, exist_ok=True)
+        info = {"format": RUN_FORMAT, "created": now_iso(), "cache": config["cache"],
+                "cache_fingerprint": cache_fp, "status": "running"}
+        self._write_json(self.run_json, info)
+        self.config.write_text(to_toml(config))
+        return info
+
+    def info(self) -> dict:
+        if not self.run_json.is_file():
+            raise G2LError(f"{self.root} is not a g2l run folder (no run.json).")
+        info = json.loads(self.run_json.read_text())
+        if info.get("format") != RUN_FORMAT:
+            raise G2LError(f"{self.run_json} is not a g2l run's.")
+        return info
+
+    def update_info(self, **values) -> None:
+        self._write_json(self.run_json, {**self.info(), **values})
+
+    def read_config(self) -> dict:
+        import tomllib
+
+        return tomllib.loads(self.config.read_text())
+
+    @staticmethod
+    def _write_json(path: Path, data: dict) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+
+    # -- metrics -------------------------------------------------------------------------------
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop metric rows after a checkpoint's step: a resumed run writes them again."""
+        if not self.metrics.exists():
+            return
+        with self.metrics.open(newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= last_step]
+        self._write_metrics(rows)
+
+    def _write_metrics(self, rows: list[dict]) -> None:
+        tmp = self.metrics.with_suffix(".tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics)
+
+    def log(self, row: dict) -> None:
+        new = not self.metrics.exists()
+        with self.metrics.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        with self.metrics.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def plot_loss(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.read_metrics()
+        if not rows:
+            return
+        steps = [int(r["step"]) for r in rows]
+        loss = [float(r["loss"]) for r in rows]
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(steps, loss, lw=0.8, label="train loss")
+        if len(loss) >= 20:
+            w = max(5, len(loss) // 50)
+            smooth = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1])
+                      for i in range(len(loss))]
+            ax.plot(steps, smooth, lw=1.5, label=f"mean of {w}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.root.name)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.loss_png)
+        plt.close(fig)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:08d}"
+
+    def list_checkpoints(self) -> list[Path]:
+        if not self.checkpoints.exists():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir()
+                      if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp"))
+
+    def last_checkpoint(self) -> Path | None:
+        found = self.list_checkpoints()
+        return found[-1] if found else None
+
+    def prune_checkpoints(self, keep: int) -> None:
+        for old in self.list_checkpoints()[:-keep]:
+            shutil.rmtree(old)
+        for tmp in self.checkpoints.glob("*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)

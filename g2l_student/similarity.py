@@ -1,0 +1,53 @@
+"""Representation similarity: linear CKA, neighbour overlap, mean cosine (numpy, float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from g2l_cache.errors import G2LError
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise G2LError(f"need two embedding matrices of the same tiles, got {a.shape} and {b.shape}.")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise G2LError("embeddings contain NaN or infinite values.")
+    return a, b
+
+
+def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
+    """Linear CKA (Kornblith et al. 2019) between two embeddings of the same n samples."""
+    a, b = _check_pair(a, b)
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    cross = np.linalg.norm(a.T @ b, "fro") ** 2
+    denom = np.linalg.norm(a.T @ a, "fro") * np.linalg.norm(b.T @ b, "fro")
+    return float(cross / denom) if denom > 0 else 0.0
+
+
+def _cosine_neighbours(x: np.ndarray, k: int) -> np.ndarray:
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    """Mean share of each sample's k nearest (cosine) neighbours under b that are also neighbours under a."""
+    a, b = _check_pair(a, b)
+    k = min(k, a.shape[0] - 1)
+    if k < 1:
+        raise G2LError("neighbour overlap needs at least 2 samples.")
+    na, nb = _cosine_neighbours(a, k), _cosine_neighbours(b, k)
+    return float(np.mean([len(set(na[i]) & set(nb[i])) / k for i in range(a.shape[0])]))
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean row-wise cosine similarity of two same-shaped matrices."""
+    a, b = _check_pair(a, b)
+    if a.shape != b.shape:
+        raise G2LError(f"cosine similarity needs equal shapes, got {a.shape} and {b.shape}.")
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-12)))

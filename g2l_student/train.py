@@ -1,0 +1,305 @@
+"""`g2l student fit`: distil the cached teacher targets into a timm student with Accelerate.
+
+`fit` reads top to bottom: set-up (run folder, data, model, optimiser), resume, the training loop,
+then export and the fidelity report. Data, losses and models are built in their own modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
+
+from g2l_cache import CacheReader, G2LError
+from g2l_cache.teachers import TeacherSpec, load_teacher
+from g2l_student.config import FitConfig
+from g2l_student.data import CachedViews, epoch_rows, select_views, split_by_slide
+from g2l_student.fidelity import measure_fidelity
+from g2l_student.losses import get_loss
+from g2l_student.model import build_student
+from g2l_student.rundir import RunDir, cache_fingerprint
+from g2l_student.schedule import EMA, G2LEarlyStop, TrainState, cosine_with_warmup
+
+
+@dataclass
+class FitResult:
+    """What a fit did: steps run, why it stopped, final loss, fidelity before/after, export folder."""
+
+    run: str
+    steps: int
+    stopped: str
+    final_loss: float | None
+    fidelity: dict
+    export: str | None
+
+
+class EpochSampler(Sampler):
+    """Yields the rows of one epoch (seeded view choice + order); `set_epoch` moves to the next."""
+
+    def __init__(self, views: pl.DataFrame, seed: int, mode: str):
+        self.views, self.seed, self.mode, self.epoch = views, seed, mode, 0
+        self._len = len(epoch_rows(views, 0, seed, mode))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rows(self) -> np.ndarray:
+        return epoch_rows(self.views, self.epoch, self.seed, self.mode)
+
+    def __iter__(self):
+        return iter(self.rows().tolist())
+
+    def __len__(self) -> int:
+        return self._len
+
+
+@dataclass
+class FitData:
+    """The cache, the chosen teacher's targets and the train / validation views."""
+
+    reader: CacheReader
+    teacher: dict
+    train: pl.DataFrame
+    val: pl.DataFrame
+    val_slides: list[str]
+
+
+def load_fit_data(cfg: FitConfig) -> FitData:
+    """Open the cache, pick the teacher, select views and split them by slide."""
+    reader = CacheReader(cfg.cache)
+    teacher = reader.teacher(cfg.teacher)
+    if not teacher.get("complete"):
+        raise G2LError(f"teacher {teacher['fingerprint']} has targets for only {teacher.get('n_targets')} "
+                       f"of {reader.manifest['counts']['views']} views; finish `g2l cache build` first.")
+    views = select_views(reader, cfg.slides, cfg.where)
+    train_ids, val_ids = split_by_slide(views["slide_id"].unique().to_list(), cfg.val_fraction, cfg.seed)
+    train = views.filter(pl.col("slide_id").is_in(train_ids))
+    val = views.filter(pl.col("slide_id").is_in(val_ids))
+    return FitData(reader, teacher, train, val, val_ids)
+
+
+def fidelity_views(data: FitData, n_tiles: int, seed: int) -> tuple[pl.DataFrame, str]:
+    """View 0 of up to n validation tiles (training tiles when there is no validation split)."""
+    split, views = ("validation", data.val) if data.val.height else ("training", data.train)
+    first = views.filter(pl.col("view_index") == 0)
+    if first.height > n_tiles:
+        first = first.sample(n_tiles, seed=seed).sort("view_id")
+    return first, split
+
+
+def build_online_teacher(cfg: FitConfig, reader: CacheReader, device):
+    """The teacher to run live: the cache's recorded spec when NAME is one of its teachers."""
+    if cfg.online_teacher is None:
+        return None
+    for fp, info in reader.manifest["teachers"].items():
+        if cfg.online_teacher in (fp, info["spec"]["name"]) and not cfg.online_teacher_weights:
+            return load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"], device=device)
+    spec = TeacherSpec(cfg.online_teacher, cfg.online_teacher_weights, cfg.online_random_init, cfg.seed)
+    return load_teacher(spec, img_size=reader.policy.crop_size, device=device)
+
+
+def fit(cfg: FitConfig) -> FitResult:
+    """Train the student as configured; resumable from the run folder's last checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    # --- set-up -------------------------------------------------------------------------------
+    use_cpu = cfg.cpu or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else "bf16",
+                              gradient_accumulation_steps=cfg.grad_accum,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              step_scheduler_with_optimizer=False)
+    if cfg.batch_size % accelerator.num_processes:
+        raise G2LError(f"--batch-size {cfg.batch_size} must divide by the {accelerator.num_processes} processes.")
+    main = accelerator.is_main_process
+    data = load_fit_data(cfg)
+    run = RunDir(cfg.out)
+    cache_fp = cache_fingerprint(data.reader.manifest, data.teacher["fingerprint"])
+    error = None
+    if main:
+        try:
+            run.prepare(cfg.to_dict(), cache_fp, cfg.resume, cfg.overwrite)
+        except G2LError as exc:
+            error = exc
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+    if not run.run_json.exists():
+        raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
+    set_seed(cfg.seed)
+
+    teacher = build_online_teacher(cfg, data.reader, accelerator.device)
+    dims = ({"cls": teacher.embed_dim, "mean-patch": teacher.patch_dim} if teacher else
+            {"cls": data.teacher["embed_dim"], "mean-patch": data.teacher["patch_dim"]})
+    student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
+                            cfg.head_weights)
+    train_set = CachedViews(data.reader, data.train, data.teacher["fingerprint"])
+    sampler = EpochSampler(data.train, cfg.seed, cfg.views_per_epoch)
+    batches_per_epoch = len(sampler) // cfg.batch_size
+    if batches_per_epoch < cfg.grad_accum:
+        raise G2LError(f"the training split has {len(sampler)} samples per epoch, fewer than one step "
+                       f"of {cfg.batch_size * cfg.grad_accum}; lower --batch-size or --grad-accum.")
+    total = cfg.steps or (cfg.epochs or 1) * (batches_per_epoch // cfg.grad_accum)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+    decay = [p for n, p in student.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in student.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = cosine_with_warmup(optimizer, warmup, total)
+    loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
+                        **_worker_kwargs(cfg.num_workers, use_cpu))
+    student, optimizer, scheduler, loader = accelerator.prepare(student, optimizer, scheduler, loader)
+    state, early_stop = TrainState(), G2LEarlyStop(cfg.early_stop_window, cfg.early_stop_patience)
+    ema = EMA(accelerator.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay else None
+    for obj in (state, early_stop, ema):
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
+    loss_fn = get_loss(cfg.loss, cfg.alpha)
+    fid_views, fid_split = fidelity_views(data, cfg.fidelity_tiles, cfg.seed)
+    fid_set = CachedViews(data.reader, fid_views, data.teacher["fingerprint"])
+
+    # --- resume or start ----------------------------------------------------------------------
+    checkpoint = run.last_checkpoint() if cfg.resume else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        if main:
+            run.truncate_metrics(state.step)
+    elif main:
+        before = measure_fidelity(accelerator.unwrap_model(student), fid_set, accelerator.device, teacher)
+        _write_fidelity(run, {"split": fid_split, "val_slides": data.val_slides, "before": before})
+    accelerator.wait_for_everyone()
+
+    # --- the training loop --------------------------------------------------------------------
+    started, stopped, last_loss = time.time(), "steps", None
+    progress = _progress(main and cfg.progress, total, state.step)
+    pending: list[torch.Tensor] = []
+    while state.step < total:
+        sampler.set_epoch(state.epoch)
+        epoch_loader = (accelerator.skip_first_batches(loader, state.batch_in_epoch)
+                        if state.batch_in_epoch else loader)
+        for views, t_cls, t_patch in epoch_loader:
+            with accelerator.accumulate(student):
+                if teacher is not None:
+                    t_cls, t_patch = teacher.embed(views)
+                out = student(views)
+                loss = 0.0
+                if cfg.target in ("cls", "both"):
+                    loss = loss + cfg.cls_weight * loss_fn(out["cls"], t_cls)
+                if cfg.target in ("mean-patch", "both"):
+                    loss = loss + cfg.patch_weight * loss_fn(out["mean-patch"], t_patch)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            state.batch_in_epoch += 1
+            pending.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            last_loss = accelerator.reduce(torch.stack(pending).mean(), "mean").item()
+            pending = []
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(student))
+            if main:
+                run.log({"step": state.step, "epoch": state.epoch, "loss": f"{last_loss:.7g}",
+                         "lr": f"{scheduler.get_last_lr()[0]:.6g}",
+                         "grad_norm": "" if grad_norm is None else f"{float(grad_norm):.5g}",
+                         "seconds": f"{time.time() - started:.2f}"})
+                progress.update(state.step, last_loss)
+            stop = cfg.early_stop == "g2l" and early_stop.update(last_loss)
+            if stop or state.step % cfg.checkpoint_every == 0 or state.step == total:
+                _save_checkpoint(accelerator, run, state.step, cfg.keep_checkpoints)
+            if stop:
+                stopped = "early-stop"
+                break
+            if state.step >= total:
+                break
+        else:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            continue
+        break
+    progress.close()
+
+    # --- export and report --------------------------------------------------------------------
+    result_fidelity, export_dir = {}, None
+    accelerator.wait_for_everyone()
+    if main:
+        from g2l_student.export import export_run
+
+        export_dir = str(export_run(run.root))
+        model = accelerator.unwrap_model(student)
+        if ema is not None:
+            model.load_state_dict({**model.state_dict(), **ema.shadow}, strict=False)
+        after = measure_fidelity(model, fid_set, accelerator.device, teacher)
+        result_fidelity = {**_read_fidelity(run), "after": after, "after_step": state.step}
+        _write_fidelity(run, result_fidelity)
+        run.plot_loss()
+        run.update_info(status="finished", steps=state.step, stopped=stopped)
+    accelerator.wait_for_everyone()
+    return FitResult(str(run.root), state.step, stopped, last_loss, result_fidelity, export_dir)
+
+
+def _worker_kwargs(num_workers: int, use_cpu: bool) -> dict:
+    if num_workers == 0:
+        return {"num_workers": 0, "pin_memory": not use_cpu}
+    # forkserver: workers never share the parent's LMDB handles; persistent: no restart per epoch.
+    return {"num_workers": num_workers, "pin_memory": not use_cpu, "persistent_workers": True,
+            "multiprocessing_context": "forkserver", "prefetch_factor": 4}
+
+
+def _save_checkpoint(accelerator, run: RunDir, step: int, keep: int) -> None:
+    """Accelerate state (weights as safetensors) into a temp folder, renamed when complete."""
+    final = run.checkpoint_dir(step)
+    tmp = final.with_name(final.name + ".tmp")
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        run.prune_checkpoints(keep)
+    accelerator.wait_for_everyone()
+
+
+def _write_fidelity(run: RunDir, data: dict) -> None:
+    tmp = run.fidelity.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, run.fidelity)
+
+
+def _read_fidelity(run: RunDir) -> dict:
+    return json.loads(run.fidelity.read_text()) if run.fidelity.exists() else {}
+
+
+class _progress:
+    """A rich progress bar of optimiser steps with the latest loss (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("fit"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("fit", total=total, completed=start, loss="-")
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()

@@ -89,16 +89,16 @@ def recompute_fidelity(run: RunDir) -> dict:
     from g2l_student.data import CachedViews
     from g2l_student.fidelity import measure_fidelity
     from g2l_student.model import build_student
-    from g2l_student.train import fidelity_views, load_fit_data
+    from g2l_student.train import fidelity_views, head_dims, load_fit_data
 
     cfg = FitConfig.from_dict(run.read_config())
     ckpt = run.last_checkpoint()
     if ckpt is None:
         raise G2LError(f"{run.root} has no checkpoint yet; nothing to report.")
     data = load_fit_data(cfg)
-    dims = {"cls": data.teacher["embed_dim"], "mean-patch": data.teacher["patch_dim"]}
+    dims = head_dims(cfg.target, data.teacher["embed_dim"], data.teacher["patch_dim"])
     student = build_student(cfg.student, cfg.img_size, dims, random_init=True)
-    student.load_state_dict(_checkpoint_weights(ckpt), strict=False)
+    student.load_state_dict(_checkpoint_weights(ckpt))
     views, split = fidelity_views(data, cfg.fidelity_tiles, cfg.seed)
     after = measure_fidelity(student, CachedViews(data.reader, views, data.teacher["fingerprint"]),
                              torch.device("cpu"))

@@ -11,20 +11,23 @@ from g2l_student.similarity import knn_overlap, linear_cka, mean_cosine
 
 @torch.no_grad()
 def measure_fidelity(student, dataset, device, teacher=None, batch_size: int = 64, k: int = 10) -> dict:
-    """Mean cosine (projected student vs teacher embedding), linear CKA and k-NN overlap
+    """Mean cosine (projected student vs its teacher target), linear CKA and k-NN overlap
     (raw student embedding vs teacher embedding) over every item of `dataset`."""
+    head = "cls" if "cls" in student.heads else "mean-patch"
     was = student.training
     student.eval()
     projected, raw, targets = [], [], []
-    for views, t_emb, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    head_targets = []
+    for views, t_emb, t_patch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         views = views.to(device)
         if teacher is not None:
-            t_emb, _ = teacher.embed(views)
+            t_emb, t_patch = teacher.embed(views)
         out = student(views)
-        projected.append(out["cls"].float().cpu().numpy())
+        projected.append(out[head].float().cpu().numpy())
         raw.append(out["embedding"].float().cpu().numpy())
         targets.append(t_emb.float().cpu().numpy())
+        head_targets.append((t_emb if head == "cls" else t_patch).float().cpu().numpy())
     student.train(was)
-    p, r, t = (np.concatenate(x) for x in (projected, raw, targets))
-    return {"tiles": int(len(t)), "cosine": mean_cosine(p, t), "cka": linear_cka(r, t),
+    p, r, t, ht = (np.concatenate(x) for x in (projected, raw, targets, head_targets))
+    return {"tiles": int(len(t)), "cosine": mean_cosine(p, ht), "cka": linear_cka(r, t),
             f"knn{k}_overlap": knn_overlap(r, t, k=k)}

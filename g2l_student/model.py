@@ -67,10 +67,9 @@ class Student(nn.Module):
             cls, patch = self._features(torch.zeros(2, 3, img_size, img_size))
             backbone.train(was)
         self.embed_dim, self.patch_dim = cls.shape[1], patch.shape[1]
-        self.heads = nn.ModuleDict({
-            "cls": projection_head(self.embed_dim, head_dims["cls"]),
-            "mean-patch": projection_head(self.patch_dim, head_dims["mean-patch"]),
-        })
+        # Only heads whose target is trained: an unused head would stall DDP's gradient reduction.
+        in_dims = {"cls": self.embed_dim, "mean-patch": self.patch_dim}
+        self.heads = nn.ModuleDict({k: projection_head(in_dims[k], d) for k, d in head_dims.items()})
 
     def preprocess(self, views: torch.Tensor) -> torch.Tensor:
         x = (views - self.mean) / self.std
@@ -88,15 +87,15 @@ class Student(nn.Module):
         return self._features(self.preprocess(views))
 
     def forward(self, views: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Projected outputs per target kind, plus the raw backbone embedding."""
+        """Projected output per trained target kind, plus the raw backbone embedding."""
         cls, patch = self.embed(views)
-        return {"cls": self.heads["cls"](cls), "mean-patch": self.heads["mean-patch"](patch),
-                "embedding": cls}
+        inputs = {"cls": cls, "mean-patch": patch}
+        return {"embedding": cls, **{k: head(inputs[k]) for k, head in self.heads.items()}}
 
 
 def build_student(arch: str, img_size: int, head_dims: dict[str, int], weights: str | None = None,
                   random_init: bool = False, head_weights: str | None = None) -> Student:
-    """Create the student backbone (timm) and heads; weights from a local file, or random."""
+    """Create the student backbone (timm) and one head per target kind in `head_dims`."""
     import timm
 
     kwargs = {"num_classes": 0}

@@ -40,13 +40,17 @@ class FitResult:
 
 
 class EpochSampler(Sampler):
-    """Yields the rows of one epoch (seeded view choice + order); `set_epoch` moves to the next."""
+    """Yields the rows of one epoch (seeded view choice + order); `use_epoch` moves to another.
+
+    Not named `set_epoch` on purpose: Accelerate calls `set_epoch(n)` with its own count of passes
+    over a loader, which restarts at 0 for a resumed or skipped loader.
+    """
 
     def __init__(self, views: pl.DataFrame, seed: int, mode: str):
         self.views, self.seed, self.mode, self.epoch = views, seed, mode, 0
         self._len = len(epoch_rows(views, 0, seed, mode))
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def rows(self) -> np.ndarray:
@@ -104,6 +108,12 @@ def build_online_teacher(cfg: FitConfig, reader: CacheReader, device):
     return load_teacher(spec, img_size=reader.policy.crop_size, device=device)
 
 
+def head_dims(target: str, embed_dim: int, patch_dim: int) -> dict[str, int]:
+    """Output size of each projection head the target needs."""
+    return {k: d for k, d in (("cls", embed_dim), ("mean-patch", patch_dim))
+            if target in (k, "both")}
+
+
 def fit(cfg: FitConfig) -> FitResult:
     """Train the student as configured; resumable from the run folder's last checkpoint."""
     from accelerate import Accelerator
@@ -119,6 +129,13 @@ def fit(cfg: FitConfig) -> FitResult:
         raise G2LError(f"--batch-size {cfg.batch_size} must divide by the {accelerator.num_processes} processes.")
     main = accelerator.is_main_process
     data = load_fit_data(cfg)
+    set_seed(cfg.seed)
+    teacher = build_online_teacher(cfg, data.reader, accelerator.device)
+    dims = head_dims(cfg.target, teacher.embed_dim if teacher else data.teacher["embed_dim"],
+                     teacher.patch_dim if teacher else data.teacher["patch_dim"])
+    student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
+                            cfg.head_weights)
+    # The run folder is touched only once every input has been checked.
     run = RunDir(cfg.out)
     cache_fp = cache_fingerprint(data.reader.manifest, data.teacher["fingerprint"])
     error = None
@@ -132,13 +149,6 @@ def fit(cfg: FitConfig) -> FitResult:
         raise error
     if not run.run_json.exists():
         raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
-    set_seed(cfg.seed)
-
-    teacher = build_online_teacher(cfg, data.reader, accelerator.device)
-    dims = ({"cls": teacher.embed_dim, "mean-patch": teacher.patch_dim} if teacher else
-            {"cls": data.teacher["embed_dim"], "mean-patch": data.teacher["patch_dim"]})
-    student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
-                            cfg.head_weights)
     train_set = CachedViews(data.reader, data.train, data.teacher["fingerprint"])
     sampler = EpochSampler(data.train, cfg.seed, cfg.views_per_epoch)
     batches_per_epoch = len(sampler) // cfg.batch_size
@@ -180,7 +190,7 @@ def fit(cfg: FitConfig) -> FitResult:
     progress = _progress(main and cfg.progress, total, state.step)
     pending: list[torch.Tensor] = []
     while state.step < total:
-        sampler.set_epoch(state.epoch)
+        sampler.use_epoch(state.epoch)
         epoch_loader = (accelerator.skip_first_batches(loader, state.batch_in_epoch)
                         if state.batch_in_epoch else loader)
         for views, t_cls, t_patch in epoch_loader:

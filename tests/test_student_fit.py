@@ -1,0 +1,248 @@
+"""`g2l student fit` end to end on a small cache: learning, replay, export, resume, 2 processes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cli.main import app
+from conftest import small_config
+from g2l_cache import CacheReader, G2LError
+from g2l_cache.build import run_build
+from g2l_student.config import FitConfig
+from g2l_student.data import CachedViews, select_views
+from g2l_student.model import build_student
+from g2l_student.rundir import RunDir
+from g2l_student.train import fit
+
+REPO = Path(__file__).parent.parent
+TINY = dict(student="vit_tiny_patch16_224", random_init=True, img_size=32, batch_size=8,
+            num_workers=0, val_fraction=0.34, checkpoint_every=5, progress=False)
+
+
+def fit_config(cache, out, **overrides) -> FitConfig:
+    return FitConfig(cache=str(cache), out=str(out), **{**TINY, **overrides})
+
+
+def _cli_args(cache, out, cfg: dict) -> list[str]:
+    args = ["student", "fit", str(cache), "--out", str(out), "--no-progress"]
+    for key, value in cfg.items():
+        if key == "progress":
+            continue
+        if value is True:
+            args.append(f"--{key.replace('_', '-')}")
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _losses(run: Path) -> list[float]:
+    return [float(r["loss"]) for r in RunDir(run).read_metrics()]
+
+
+@pytest.fixture(scope="module")
+def trained(built_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    result = fit(fit_config(built_cache, out, steps=40, lr=1e-3))
+    return out, result
+
+
+def test_fit_writes_a_complete_run_and_learns(trained):
+    out, result = trained
+    run = RunDir(out)
+    assert result.steps == 40 and result.stopped == "steps"
+    for path in (run.config, run.run_json, run.metrics, run.loss_png, run.fidelity):
+        assert path.exists(), path
+    assert [int(r["step"]) for r in run.read_metrics()] == list(range(1, 41))
+    assert [p.name for p in run.list_checkpoints()] == ["step_00000035", "step_00000040"]
+    assert (run.checkpoints / "step_00000040" / "model.safetensors").exists()
+    assert RunDir(out).read_config()["steps"] == 40
+    fid = json.loads(run.fidelity.read_text())
+    assert fid["split"] == "validation" and len(fid["val_slides"]) == 1
+    assert fid["after"]["cosine"] > fid["before"]["cosine"] + 0.2
+    losses = _losses(out)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert json.loads(run.run_json.read_text())["status"] == "finished"
+
+
+def test_student_input_is_the_replayed_teacher_input(built_cache):
+    reader = CacheReader(str(built_cache))
+    views = select_views(reader)
+    ds = CachedViews(reader, views, reader.teacher()["fingerprint"])
+    for i in (0, 7, 23):
+        view, t_emb, _ = ds[i]
+        row = views.row(i, named=True)
+        assert torch.equal(view, reader.replay(row))
+        emb, _ = reader.target(reader.teacher()["fingerprint"], row["view_id"], row["shard"])
+        assert torch.equal(t_emb, torch.from_numpy(emb.astype(np.float32)))
+    student = build_student("vit_tiny_patch16_224", 48, {"cls": 192}, random_init=True)
+    x = ds[0][0][None]
+    mean = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)  # vit_tiny's own normalisation
+    assert torch.equal(student.preprocess(x), (x - mean) / mean)
+
+
+def test_export_loads_in_plain_timm_and_reproduces_embeddings(trained, tmp_path):
+    out, _ = trained
+    export = out / "export"
+    cfg = json.loads((export / "config.json").read_text())
+    x = torch.rand(3, 3, 32, 32)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    code = f"""
+import sys, timm, torch
+from safetensors.torch import load_file, save_file
+model = timm.create_model("{cfg['architecture']}", pretrained=True, num_classes=0, img_size=32,
+    pretrained_cfg_overlay=dict(file="{export / 'student.safetensors'}", custom_load=False)).eval()
+x = load_file("{tmp_path / 'x.safetensors'}")["x"]
+with torch.no_grad():
+    y = model.forward_features(x)[:, 0]
+assert not any(m.startswith("g2l") for m in sys.modules), "g2l was imported"
+save_file({{"y": y.contiguous()}}, "{tmp_path / 'y.safetensors'}")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    y_timm = load_file(str(tmp_path / "y.safetensors"))["y"]
+    student = build_student("vit_tiny_patch16_224", 32, {"cls": 192}, random_init=True)
+    student.load_state_dict(load_file(str(out / "checkpoints" / "step_00000040" / "model.safetensors")))
+    student.eval()
+    with torch.no_grad():
+        emb, _ = student._features(x)
+    torch.testing.assert_close(y_timm, emb, atol=1e-5, rtol=1e-5)
+    heads = load_file(str(export / "head.safetensors"))
+    assert heads["cls.0.weight"].shape == (192, 192) and "cls.1.running_var" in heads
+    # `g2l student export` redoes it from an older checkpoint
+    result = CliRunner().invoke(app, ["student", "export", str(out), "--checkpoint",
+                                      str(out / "checkpoints" / "step_00000035")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((export / "config.json").read_text())["g2l"]["checkpoint"] == "step_00000035"
+
+
+def test_report_command(trained):
+    out, _ = trained
+    result = CliRunner().invoke(app, ["student", "report", str(out)])
+    assert result.exit_code == 0 and "cosine" in result.output and "before" in result.output
+
+
+def test_kill_9_then_resume_gives_the_same_losses(built_cache, tmp_path):
+    cfg = {**TINY, "student": "vit_small_patch16_224", "img_size": 64, "steps": 40, "lr": 5e-4,
+           "checkpoint_every": 5}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    reference = tmp_path / "reference"
+    res = subprocess.run([sys.executable, "-m", "cli", *_cli_args(built_cache, reference, cfg)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *_cli_args(built_cache, crashed, cfg)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run = RunDir(crashed)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and \
+            not any(p.name >= "step_00000010" for p in run.list_checkpoints()):
+        time.sleep(0.05)
+    assert proc.poll() is None, "fit finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(run.read_metrics())
+    assert 10 <= done < 40
+    res = subprocess.run([sys.executable, "-m", "cli", *_cli_args(built_cache, crashed, cfg), "--resume"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert [int(r["step"]) for r in run.read_metrics()] == list(range(1, 41))
+    np.testing.assert_allclose(_losses(crashed), _losses(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_match_one_process(built_cache, tmp_path):
+    cfg = {**TINY, "steps": 8, "lr": 1e-4}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    res = subprocess.run([sys.executable, "-m", "cli", *_cli_args(built_cache, one, cfg)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    two = tmp_path / "two"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "cli", *_cli_args(built_cache, two, cfg)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # Same global batch (split over 2 ranks, batch-norm statistics over both): equal up to float
+    # summation order, which Adam slowly amplifies.
+    assert _losses(two)[:2] == pytest.approx(_losses(one)[:2], rel=1e-6)
+    np.testing.assert_allclose(_losses(two), _losses(one), rtol=5e-4)
+
+
+def test_online_teacher_agrees_with_cached_targets(built_cache, tmp_path):
+    name = CacheReader(str(built_cache)).teacher()["spec"]["name"]
+    cached = fit(fit_config(built_cache, tmp_path / "cached", steps=6))
+    online = fit(fit_config(built_cache, tmp_path / "online", steps=6, online_teacher=name))
+    np.testing.assert_allclose(_losses(tmp_path / "online"), _losses(tmp_path / "cached"), rtol=2e-3)
+    assert abs(online.fidelity["after"]["cosine"] - cached.fidelity["after"]["cosine"]) < 0.01
+
+
+def test_subsets_by_where_and_slide_list(built_cache, tmp_path):
+    reader = CacheReader(str(built_cache))
+    slide = sorted(reader.slides()["slide_id"].to_list())[0]
+    only = select_views(reader, where=f"slide_id = '{slide}'")
+    assert set(only["slide_id"]) == {slide}
+    lst = tmp_path / "slides.txt"
+    lst.write_text(f"{slide}\n")
+    assert select_views(reader, slides_file=str(lst))["view_id"].to_list() == only["view_id"].to_list()
+    with pytest.raises(G2LError, match="not a valid condition"):
+        select_views(reader, where="no_such_column > 3")
+    lst.write_text("ghost-slide\n")
+    with pytest.raises(G2LError, match="not ok slides"):
+        select_views(reader, slides_file=str(lst))
+
+
+def test_bad_inputs_are_clear_errors(built_cache, demo_dir, tmp_path):
+    with pytest.raises(G2LError, match="not a g2l cache"):
+        fit(fit_config(tmp_path, tmp_path / "r"))
+    half = tmp_path / "half"
+    shutil.copytree(built_cache, half)
+    manifest = json.loads((half / "manifest.json").read_text())
+    (half / "manifest.json").write_text(json.dumps({**manifest, "status": "building"}))
+    with pytest.raises(G2LError, match="half-built"):
+        fit(fit_config(half, tmp_path / "r"))
+    with pytest.raises(G2LError, match="timm does not know"):
+        fit(fit_config(built_cache, tmp_path / "r", student="vit_nonexistent_x"))
+    wrong = tmp_path / "wrong.safetensors"
+    import timm
+
+    save_file(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), str(wrong))
+    with pytest.raises(G2LError, match="do not fit"):
+        fit(fit_config(built_cache, tmp_path / "r", random_init=False, student_weights=str(wrong)))
+    heads = tmp_path / "heads.safetensors"
+    save_file({"cls.0.weight": torch.zeros(1536, 192), "cls.0.bias": torch.zeros(1536)}, str(heads))
+    with pytest.raises(G2LError, match="another teacher dimension"):
+        fit(fit_config(built_cache, tmp_path / "r", head_weights=str(heads)))
+    with pytest.raises(G2LError, match="batch-size"):
+        fit(fit_config(built_cache, tmp_path / "r", batch_size=0))
+
+
+def test_output_folder_rules_and_changed_cache(built_cache, demo_dir, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    out = tmp_path / "run"
+    fit(fit_config(cache, out, steps=2))
+    result = CliRunner().invoke(app, _cli_args(cache, out, {**TINY, "steps": 2}))
+    assert result.exit_code == 2 and "holds another run" in result.output
+    fit(fit_config(cache, out, steps=3, overwrite=True))
+    assert len(RunDir(out).read_metrics()) == 3
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep")
+    with pytest.raises(G2LError, match="not a g2l run"):
+        fit(fit_config(cache, occupied, steps=2, overwrite=True))
+    assert (occupied / "notes.txt").read_text() == "keep"
+    # the cache gains a slide: resuming the old run must refuse
+    no_mpp = demo_dir / "no_mpp" / "slide-no-mpp.tif"
+    run_build(small_config(cache, [demo_dir, no_mpp], mpp_override=0.5))
+    with pytest.raises(G2LError, match="cache changed"):
+        fit(fit_config(cache, out, steps=4, resume=True))

@@ -1,0 +1,124 @@
+"""Stage-two pieces on their own: losses, split, epoch plan, schedule, early stop, similarity."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from g2l_cache import G2LError
+from g2l_student.data import epoch_rows, split_by_slide
+from g2l_student.losses import get_loss, logsum_loss
+from g2l_student.model import GlobalBatchNorm1d
+from g2l_student.schedule import G2LEarlyStop, cosine_with_warmup
+from g2l_student.similarity import knn_overlap, linear_cka, mean_cosine
+
+S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+T = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 1.0]])
+
+
+def test_logsum_loss_matches_hand_computation():
+    # sample 1: |d| = (1, 2, 0) -> 1 + 16 + 0 = 17; sample 2: |d| = (0, 2, 0) -> 16
+    expected = (math.log(17) + math.log(16)) / 2
+    assert abs(float(logsum_loss(S, T, alpha=4)) - expected) < 1e-6
+    # alpha 2: 1 + 4 = 5 and 4
+    assert abs(float(get_loss("logsum", 2.0)(S, T)) - (math.log(5) + math.log(4)) / 2) < 1e-6
+
+
+def test_other_losses_match_hand_computation():
+    # cosine: sample 1 teacher is zero -> cos 0 -> 1; sample 2: (0,0,1).(0,2,1)=1, |.|=1*sqrt5
+    assert abs(float(get_loss("cosine")(S, T)) - ((1 - 0) + (1 - 1 / math.sqrt(5))) / 2) < 1e-6
+    # mse: (1 + 4 + 0) and (0 + 4 + 0) -> mean 4.5
+    assert abs(float(get_loss("mse")(S, T)) - 4.5) < 1e-6
+    # smooth-l1 (beta 1): 0.5*1 + (2-0.5) = 2.0 and 1.5 -> mean 1.75
+    assert abs(float(get_loss("smooth-l1")(S, T)) - 1.75) < 1e-6
+    with pytest.raises(G2LError, match="unknown loss"):
+        get_loss("l3")
+
+
+def test_logsum_gradient_is_finite_at_zero_difference():
+    s = T.clone().requires_grad_(True)
+    logsum_loss(s, T).backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_split_by_slide_is_seeded_and_disjoint():
+    ids = [f"s{i}" for i in range(20)]
+    train, val = split_by_slide(ids, 0.25, seed=3)
+    assert len(val) == 5 and not set(train) & set(val) and sorted(train + val) == sorted(ids)
+    assert split_by_slide(ids, 0.25, seed=3) == (train, val)
+    assert split_by_slide(ids, 0.25, seed=4)[1] != val
+    assert split_by_slide(ids, 0.0, seed=3) == (sorted(ids), [])
+    with pytest.raises(G2LError, match="at least 2 slides"):
+        split_by_slide(["only"], 0.1, 0)
+
+
+def _views(n_tiles=6, k=4):
+    return pl.DataFrame({"view_id": [f"t{t}#{v}" for t in range(n_tiles) for v in range(k)],
+                         "tile_id": [f"t{t}" for t in range(n_tiles) for v in range(k)]}).sort("view_id")
+
+
+def test_epoch_rows_draw_one_view_per_tile_and_replay():
+    views = _views()
+    rows = epoch_rows(views, 0, seed=1, views_per_epoch="one")
+    tiles = views["tile_id"].to_numpy()[rows]
+    assert sorted(tiles) == sorted(set(views["tile_id"]))
+    assert np.array_equal(rows, epoch_rows(views, 0, 1, "one"))
+    assert not np.array_equal(rows, epoch_rows(views, 1, 1, "one"))
+    chosen = [set(views["view_id"].to_numpy()[epoch_rows(views, e, 1, "one")]) for e in range(8)]
+    assert len(set().union(*chosen)) > views.height // 2  # over epochs, many different views
+    assert sorted(epoch_rows(views, 0, 1, "all")) == list(range(views.height))
+
+
+def test_cosine_schedule_with_warmup():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup=4, total=12)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.05
+
+
+def test_g2l_early_stop_rule():
+    stop = G2LEarlyStop(window=5, patience=2)
+    assert not any(stop.update(v) for v in [5, 4, 3, 2, 1])  # history filling, falling
+    assert not stop.update(10) and not stop.update(10)  # 2 exceedances: not more than 2
+    state = stop.state_dict()
+    assert stop.update(10)  # third in a row
+    again = G2LEarlyStop(window=5, patience=2)
+    again.load_state_dict(state)
+    assert again.update(10)
+    reset = G2LEarlyStop(window=3, patience=1)
+    for v in [3, 3, 3, 4, 1, 4]:  # an improvement in between resets the count
+        assert not reset.update(v)
+
+
+def test_global_batchnorm_matches_batchnorm():
+    x = torch.randn(16, 5)
+    ours, ref = GlobalBatchNorm1d(5), torch.nn.BatchNorm1d(5)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+    ref.load_state_dict(ours.state_dict())
+
+
+def test_similarity_measures_on_hand_checked_inputs():
+    a = np.array([[1.0, 0], [0, 1], [1, 1], [2, 0.5]])
+    assert abs(linear_cka(a, a) - 1) < 1e-12
+    assert abs(linear_cka(a, 3 * a @ np.array([[0, 1], [1, 0]])) - 1) < 1e-12  # scale + rotation
+    b = np.array([[1.0], [-1], [0], [1]])
+    # centred a . centred b by hand
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    expected = np.linalg.norm(ac.T @ bc) ** 2 / (np.linalg.norm(ac.T @ ac) * np.linalg.norm(bc.T @ bc))
+    assert abs(linear_cka(a, b) - expected) < 1e-12
+    assert knn_overlap(a, a, k=2) == 1.0
+    assert mean_cosine(np.array([[1.0, 0]]), np.array([[0.0, 2]])) == 0.0
+    with pytest.raises(G2LError, match="NaN"):
+        linear_cka(np.array([[np.nan, 1], [1, 1]]), a[:2])
+    with pytest.raises(G2LError, match="same tiles"):
+        linear_cka(a, a[:3])

@@ -6,6 +6,8 @@ DEMO := demo_out
 STAMP := $(VENV)/.installed
 # Demo teacher: a random-weight ViT-S stands in for H-optimus-0 (no downloads here).
 DEMO_TEACHER ?= vit_small_patch16_224
+# Demo student: a random-weight ViT-Ti at 64 px stands in for the ViT-L student (CPU minutes).
+DEMO_STUDENT ?= vit_tiny_patch16_224
 
 .PHONY: install demo test bench clean
 
@@ -25,9 +27,13 @@ demo: install $(DEMO)/slides/.done
 	$(BIN)/g2l cache build $(DEMO)/slides --out $(DEMO)/cache --teacher $(DEMO_TEACHER) \
 		--random-init --max-tiles-per-slide 32 --views 4 --batch-size 32
 	$(BIN)/g2l cache info $(DEMO)/cache
+	$(BIN)/g2l student fit $(DEMO)/cache --out $(DEMO)/run --overwrite --student $(DEMO_STUDENT) \
+		--random-init --img-size 64 --steps 300 --batch-size 32 --lr 5e-4 --val-fraction 0.25 \
+		--checkpoint-every 100 --num-workers 1
 	@echo
 	@echo "cache:      $(DEMO)/cache   (tables: $(DEMO)/cache/*.parquet)"
 	@echo "QC images:  $(DEMO)/cache/qc/"
+	@echo "run:        $(DEMO)/run     (metrics.csv, loss.png, export/student.safetensors)"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -228,7 +228,7 @@ def fit(cfg: FitConfig) -> FitResult:
                 progress.update(state.step, last_loss)
             stop = cfg.early_stop == "g2l" and early_stop.update(last_loss)
             if stop or state.step % cfg.checkpoint_every == 0 or state.step == total:
-                _save_checkpoint(accelerator, run, state.step, cfg.keep_checkpoints)
+                _save_checkpoint(accelerator, run, state.step, cfg.keep_checkpoints, ema)
             if stop:
                 stopped = "early-stop"
                 break
@@ -267,13 +267,20 @@ def _worker_kwargs(num_workers: int, use_cpu: bool) -> dict:
             "multiprocessing_context": "forkserver", "prefetch_factor": 4}
 
 
-def _save_checkpoint(accelerator, run: RunDir, step: int, keep: int) -> None:
-    """Accelerate state (weights as safetensors) into a temp folder, renamed when complete."""
+def _save_checkpoint(accelerator, run: RunDir, step: int, keep: int, ema: EMA | None) -> None:
+    """Accelerate state (weights as safetensors) into a temp folder, renamed when complete.
+
+    With an EMA, its weights also go to ema.safetensors, which `export` prefers.
+    """
     final = run.checkpoint_dir(step)
     tmp = final.with_name(final.name + ".tmp")
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
         if final.exists():
             import shutil
 

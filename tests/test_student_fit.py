@@ -246,3 +246,33 @@ def test_output_folder_rules_and_changed_cache(built_cache, demo_dir, tmp_path):
     run_build(small_config(cache, [demo_dir, no_mpp], mpp_override=0.5))
     with pytest.raises(G2LError, match="cache changed"):
         fit(fit_config(cache, out, steps=4, resume=True))
+
+
+def test_both_targets_ema_accumulation_and_early_stop(built_cache, tmp_path):
+    result = fit(fit_config(built_cache, tmp_path / "r", steps=6, target="both", cls_weight=1.0,
+                            patch_weight=0.5, ema_decay=0.9, grad_accum=2, batch_size=4,
+                            loss="cosine", early_stop="g2l", early_stop_window=2,
+                            early_stop_patience=0))
+    heads = load_file(str(tmp_path / "r" / "export" / "head.safetensors"))
+    assert {k.split(".")[0] for k in heads} == {"cls", "mean-patch"}
+    assert result.steps <= 6 and result.stopped in ("steps", "early-stop")
+    assert len(RunDir(tmp_path / "r").read_metrics()) == result.steps
+    # the EMA weights are what gets exported
+    ckpt = RunDir(tmp_path / "r").last_checkpoint()
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    model = load_file(str(ckpt / "model.safetensors"))
+    exported = load_file(str(tmp_path / "r" / "export" / "student.safetensors"))
+    key = "blocks.0.attn.qkv.weight"
+    assert torch.equal(exported[key], ema[f"backbone.{key}"])
+    assert not torch.equal(exported[key], model[f"backbone.{key}"])
+
+
+def test_two_fits_read_one_cache_at_once(built_cache, tmp_path):
+    cfg = {**TINY, "steps": 4}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "cli", *_cli_args(built_cache, tmp_path / f"r{i}", cfg)],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    assert _losses(tmp_path / "r0") == _losses(tmp_path / "r1")

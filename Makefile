@@ -30,10 +30,18 @@ demo: install $(DEMO)/slides/.done
 	$(BIN)/g2l student fit $(DEMO)/cache --out $(DEMO)/run --overwrite --student $(DEMO_STUDENT) \
 		--random-init --img-size 64 --steps 300 --batch-size 32 --lr 5e-4 --val-fraction 0.25 \
 		--checkpoint-every 100 --num-workers 1
+	$(BIN)/g2l demo tiles $(DEMO)/tiles --n-crops 40 --centers 3
+	$(BIN)/g2l embed $(DEMO_TEACHER) $(DEMO)/tiles/tiles.csv --random-init --out $(DEMO)/eval/teacher.parquet
+	$(BIN)/g2l embed $(DEMO)/run $(DEMO)/tiles/tiles.csv --out $(DEMO)/eval/student.parquet
+	$(BIN)/g2l embed $(DEMO_STUDENT) $(DEMO)/tiles/tiles.csv --random-init --img-size 64 \
+		--out $(DEMO)/eval/untrained-student.parquet
+	$(BIN)/g2l eval compare $(DEMO)/eval/teacher.parquet $(DEMO)/eval/student.parquet \
+		$(DEMO)/eval/untrained-student.parquet --out $(DEMO)/report
 	@echo
 	@echo "cache:      $(DEMO)/cache   (tables: $(DEMO)/cache/*.parquet)"
 	@echo "QC images:  $(DEMO)/cache/qc/"
 	@echo "run:        $(DEMO)/run     (metrics.csv, loss.png, export/student.safetensors)"
+	@echo "evaluation: $(DEMO)/report  (report.md, metrics.csv, bars-*.png, map-*.png)"
 
 test: install
 	$(BIN)/python -m pytest -q

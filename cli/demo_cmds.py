@@ -25,3 +25,17 @@ def slides(out_dir: Path = typer.Argument(..., help="Folder to write slides into
     for p in paths:
         console.print(f"wrote {p}")
     console.print(f"wrote {out_dir / 'no_mpp' / 'slide-no-mpp.tif'} (no mpp metadata)")
+
+
+@app.command("tiles")
+@handle_errors
+def tiles(out_dir: Path = typer.Argument(..., help="Folder to write the tile set into."),
+          n_crops: int = typer.Option(40, help="Source crops (each rendered once per centre)."),
+          centers: int = typer.Option(3, "--centers", help="Number of centres (2-4)."),
+          tile_px: int = typer.Option(224, help="Tile side in px (0.5 mpp)."),
+          seed: int = typer.Option(0, help="Seed for the crops and the split.")) -> None:
+    """Write a labelled (nuclei dense/sparse), multi-centre tile set and OUT_DIR/tiles.csv."""
+    from g2l_student.evaluation.demo_tiles import write_demo_tiles
+
+    manifest = write_demo_tiles(out_dir, n_crops=n_crops, n_centres=centers, tile_px=tile_px, seed=seed)
+    console.print(f"wrote {manifest} ({n_crops * centers} tiles)")

@@ -1,0 +1,216 @@
+"""`g2l eval compare`: metrics for several models on the same tile sets, as CSV, Markdown and PNGs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from g2l_cache.errors import G2LError
+from g2l_student.evaluation.classify import classification_report, make_split
+from g2l_student.evaluation.embedder import Embeddings, read_embeddings
+from g2l_student.evaluation.robustness import pathorob_ri, ri_ratio
+from g2l_student.similarity import linear_cka
+
+METRIC_COLUMNS = ["task", "model", "metric", "value", "k", "ci_low", "ci_high"]
+RATIO_KS = (3, 20)
+BAR_METRICS = ("knn_balanced_accuracy", "linear_balanced_accuracy", "linear_auroc", "ri")
+
+
+def cka_between(a: Embeddings, b: Embeddings) -> float:
+    """Linear CKA of two models' embeddings of the same tiles (refuses different tile sets)."""
+    if a.data_fingerprint != b.data_fingerprint or a.table["path"].to_list() != b.table["path"].to_list():
+        raise G2LError(f"{a.path.name} and {b.path.name} embed different tile sets; CKA compares "
+                       "two models on the same tiles.")
+    return linear_cka(a.vectors, b.vectors)
+
+
+def _column(e: Embeddings, name: str) -> np.ndarray | None:
+    return e.table[name].cast(pl.Utf8).to_numpy() if name in e.table.columns else None
+
+
+def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, seed: int = 0
+                  ) -> tuple[list[dict], list[str]]:
+    """All metric rows for models that embedded one tile set, plus notes on what was skipped."""
+    first = models[0]
+    labels = _column(first, "label")
+    groups, centers = _column(first, "group"), _column(first, "center")
+    split = make_split(labels, _column(first, "split"), groups, seed)
+    rows, notes = [], []
+    if groups is None:
+        notes.append("no 'group' column: tiles are treated as independent (risk of slide leakage).")
+    ri_ok = centers is not None and len(np.unique(centers)) >= 2
+    if centers is None:
+        notes.append("no 'center' column: robustness index skipped.")
+    elif not ri_ok:
+        notes.append(f"one centre only ({centers[0]}): the robustness index is undefined and was skipped.")
+    for e in models:
+        name = e.path.stem
+        for row in classification_report(e.vectors, labels, split, groups, k, n_boot, seed):
+            rows.append({"model": name, **row})
+        if ri_ok:
+            value, k_ri = pathorob_ri(e.vectors, labels, centers, groups)
+            rows.append({"model": name, "metric": "ri", "value": value, "k": k_ri,
+                         "ci_low": None, "ci_high": None})
+            for kk in RATIO_KS:
+                rows.append({"model": name, "metric": "ri_ratio",
+                             "value": ri_ratio(e.vectors, labels, centers, groups, kk), "k": kk,
+                             "ci_low": None, "ci_high": None})
+        if e is not first:
+            rows.append({"model": name, "metric": f"cka_vs_{first.path.stem}",
+                         "value": cka_between(first, e), "k": None, "ci_low": None, "ci_high": None})
+    return rows, notes
+
+
+def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int = 1000, seed: int = 0,
+            map_method: str = "auto") -> pl.DataFrame:
+    """Evaluate every embedding file, grouped into tasks by tile set; write REPORT/ and return metrics."""
+    if not paths:
+        raise G2LError("give at least one embedding file.")
+    embs = [read_embeddings(p) for p in paths]
+    stems = [e.path.stem for e in embs]
+    if len(set(stems)) != len(stems):
+        raise G2LError("embedding files must have distinct names: the file name is the model's name.")
+    tasks: dict[str, list[Embeddings]] = {}
+    for e in embs:
+        tasks.setdefault(e.data_fingerprint, []).append(e)
+    names = _task_names(tasks)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    all_rows, notes = [], {}
+    for fp, models in tasks.items():
+        rows, task_notes = evaluate_task(models, k, n_boot, seed)
+        all_rows += [{"task": names[fp], **r} for r in rows]
+        notes[names[fp]] = task_notes
+        _plot_maps(models, out / f"map-{names[fp]}.png", map_method, seed)
+    metrics = pl.DataFrame(all_rows, schema={"task": pl.Utf8, "model": pl.Utf8, "metric": pl.Utf8,
+                                             "value": pl.Float64, "k": pl.Int64,
+                                             "ci_low": pl.Float64, "ci_high": pl.Float64}
+                           ).select(METRIC_COLUMNS)
+    metrics.write_csv(out / "metrics.csv")
+    for task in metrics["task"].unique(maintain_order=True).to_list():
+        _plot_bars(metrics.filter(pl.col("task") == task), out / f"bars-{task}.png", task)
+    (out / "report.md").write_text(render_report(metrics, notes))
+    return metrics
+
+
+def _task_names(tasks: dict[str, list[Embeddings]]) -> dict[str, str]:
+    names, seen = {}, set()
+    for fp, models in tasks.items():
+        name = "".join(c if c.isalnum() or c in "-_" else "-" for c in models[0].data)
+        names[fp] = name if name not in seen else f"{name}-{fp[:6]}"
+        seen.add(names[fp])
+    return names
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}"
+
+
+def render_report(metrics: pl.DataFrame, notes: dict[str, list[str]]) -> str:
+    """Markdown: per task, one table of models x metrics with 95% intervals, then the pictures."""
+    lines = ["# g2l evaluation report", ""]
+    for task in metrics["task"].unique(maintain_order=True).to_list():
+        m = metrics.filter(pl.col("task") == task)
+        lines += [f"## {task}", ""]
+        for note in notes.get(task, []):
+            lines.append(f"> note: {note}")
+        # ri_ratio is reported at fixed k (one column each); ri's k is chosen per model (in the cell).
+        keys = [(metric, k if metric == "ri_ratio" else None)
+                for metric, k in m.select("metric", "k").unique(maintain_order=True).rows()]
+        keys = list(dict.fromkeys(keys))
+        header = ["model"] + [metric + (f" (k={k})" if k is not None else "") for metric, k in keys]
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for model in m["model"].unique(maintain_order=True).to_list():
+            cells = [model]
+            for metric, k in keys:
+                r = m.filter((pl.col("model") == model) & (pl.col("metric") == metric))
+                if k is not None:
+                    r = r.filter(pl.col("k") == k)
+                if r.height == 0:
+                    cells.append("")
+                    continue
+                row = r.row(0, named=True)
+                ci = f" [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]" if row["ci_low"] is not None else ""
+                chosen_k = f" (k={row['k']})" if metric == "ri" else ""
+                cells.append(_fmt(row["value"]) + ci + chosen_k)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"![metrics](bars-{task}.png)", "", f"![embedding map](map-{task}.png)", ""]
+    lines += ["Intervals: 95% bootstrap over test tiles. ri: PathoROB robustness index (croma), "
+              "k chosen by kNN balanced accuracy; ri_ratio: de Jong's SO/OS ratio at fixed k.", ""]
+    return "\n".join(lines)
+
+
+def _plot_bars(m: pl.DataFrame, path: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = m["model"].unique(maintain_order=True).to_list()
+    metrics = [x for x in BAR_METRICS if x in set(m["metric"])]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(metrics), 3.6), dpi=100)
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        vals, lo, hi = [], [], []
+        for metric in metrics:
+            r = m.filter((pl.col("model") == model) & (pl.col("metric") == metric)).row(0, named=True)
+            vals.append(r["value"])
+            lo.append(r["value"] - r["ci_low"] if r["ci_low"] is not None else 0)
+            hi.append(r["ci_high"] - r["value"] if r["ci_high"] is not None else 0)
+        xs = np.arange(len(metrics)) + i * width
+        ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3, label=model)
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(models) - 1) / 2)
+    ax.set_xticklabels([x.replace("_", "\n") for x in metrics], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(task)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def project_2d(x: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
+    """2-D coordinates: UMAP if asked for (or 'auto' and installed), else PCA."""
+    if method in ("umap", "auto"):
+        try:
+            import umap
+
+            return umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(x), "UMAP"
+        except ImportError:
+            if method == "umap":
+                raise G2LError("--map umap needs the umap-learn package (pip install umap-learn).") from None
+    xc = x - x.mean(0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    return xc @ vt[:2].T, "PCA"
+
+
+def _plot_maps(models: list[Embeddings], path: Path, method: str, seed: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colour_by = [c for c in ("label", "center") if c in models[0].table.columns]
+    fig, axes = plt.subplots(len(colour_by), len(models), figsize=(3.2 * len(models), 3 * len(colour_by)),
+                             dpi=100, squeeze=False)
+    for j, e in enumerate(models):
+        xy, how = project_2d(e.vectors, method, seed)
+        for i, col in enumerate(colour_by):
+            ax = axes[i][j]
+            values = e.table[col].cast(pl.Utf8).to_numpy()
+            for v in np.unique(values):
+                sel = values == v
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=6, label=v)
+            ax.set_title(f"{e.path.stem}: {col} ({how})", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == len(models) - 1:
+                ax.legend(fontsize=6, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""Evaluation: metrics on hand-checked inputs, embedding tile sets, the compare report, bad input."""
+
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from g2l_cache import G2LError
+from g2l_student.evaluation.classify import (bootstrap_ci, classification_report, knn_predict,
+                                             linear_probe_predict, make_split, scores)
+from g2l_student.evaluation.compare import cka_between, compare
+from g2l_student.evaluation.demo_tiles import write_demo_tiles
+from g2l_student.evaluation.embedder import (embed_tileset, load_embedding_model, read_embeddings)
+from g2l_student.evaluation.robustness import pathorob_ri, ri_ratio, so_os_counts
+from g2l_student.evaluation.tileset import load_tileset
+
+runner = CliRunner()
+
+
+def test_knn_votes_and_scores_by_hand():
+    train = np.array([[1.0, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]])
+    y = np.array(["a", "a", "b", "b"])
+    classes = np.array(["a", "b"])
+    proba = knn_predict(train, y, np.array([[1.0, 0.05], [0.05, 1.0]]), classes, k=3)
+    np.testing.assert_allclose(proba, [[2 / 3, 1 / 3], [1 / 3, 2 / 3]])
+    s = scores(np.array(["a", "b", "b", "b"]), np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]]), classes)
+    # recall a = 1, recall b = 2/3 -> balanced 5/6; AUROC: b-scores .4,.8,.7 vs a .1 -> 1.0
+    assert abs(s["balanced_accuracy"] - 5 / 6) < 1e-12 and s["auroc"] == 1.0
+    # weighted F1: f1(a) = 2*(.5*1)/(1.5) = 2/3 (w 1/4), f1(b) = 2*(1*2/3)/(5/3) = 0.8 (w 3/4)
+    assert abs(s["f1_weighted"] - (2 / 3 / 4 + 0.8 * 3 / 4)) < 1e-12
+
+
+def test_linear_probe_and_bootstrap_on_separable_data():
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(-2, 0.3, (40, 5)), rng.normal(2, 0.3, (40, 5))]
+    y = np.array(["neg"] * 40 + ["pos"] * 40)
+    groups = np.repeat(np.arange(20), 4)
+    split = make_split(y, None, groups, seed=1)
+    assert not set(groups[split.train]) & set(groups[split.test])
+    proba, c = linear_probe_predict(x[split.train], y[split.train], x[split.test], groups[split.train])
+    assert scores(y[split.test], proba, np.array(["neg", "pos"]))["balanced_accuracy"] == 1.0
+    low, high = bootstrap_ci(y[split.test], proba, np.array(["neg", "pos"]), n=50)["auroc"]
+    assert low == pytest.approx(1.0) and high == pytest.approx(1.0)
+    rows = classification_report(x, y, split, groups, k=5, n_boot=20)
+    assert {r["metric"] for r in rows} == {f"{m}_{s}" for m in ("knn", "linear")
+                                           for s in ("balanced_accuracy", "f1_weighted", "auroc")}
+
+
+def test_robustness_counts_by_hand_and_against_croma():
+    # tiles 0,1: class A at centres X,Y; tiles 2,3: class B at centres X,Y. Embedding groups by class.
+    x = np.array([[1.0, 0.0], [0.95, 0.05], [0.0, 1.0], [0.05, 0.95]])
+    labels, centers = np.array(["A", "A", "B", "B"]), np.array(["X", "Y", "X", "Y"])
+    # k=1: every nearest neighbour is same class, other centre -> SO=4, OS=0
+    assert so_os_counts(x, labels, centers, None, 1) == (4, 0)
+    # k=2: second neighbours are 0->3 (B,Y: neither), 1->3 (B,Y: OS), 2->1 (A,Y: neither),
+    # 3->1 (A,Y: OS), by cosine similarity
+    assert so_os_counts(x, labels, centers, None, 2) == (4, 2)
+    # a tile never counts its own group: groups pairing 0&1 and 2&3 remove the SO neighbours
+    assert so_os_counts(x, labels, centers, np.array(["g1", "g1", "g2", "g2"]), 1)[0] == 0
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8))
+    labels = np.array(["A", "B"] * 30)
+    centers = np.array(["X"] * 20 + ["Y"] * 20 + ["Z"] * 20)
+    x[labels == "A"] += 0.8
+    x[centers == "X"] -= 0.5
+    groups = np.array([f"s{i // 3}" for i in range(60)])
+    value, k = pathorob_ri(x, labels, centers, groups)
+    so, os_ = so_os_counts(x, labels, centers, groups, k)
+    assert abs(value - so / (so + os_)) < 1e-12 and 0 <= value <= 1
+    assert abs(ri_ratio(x, labels, centers, groups, 3) - np.divide(*so_os_counts(x, labels, centers, groups, 3))) < 1e-12
+
+
+def test_robustness_with_one_centre_is_undefined():
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    with pytest.raises(G2LError, match="single centre"):
+        ri_ratio(x, np.array(["A", "B"] * 5), np.array(["X"] * 10), None, 3)
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    return write_demo_tiles(tmp_path_factory.mktemp("tiles"), n_crops=12, n_centres=2, tile_px=64)
+
+
+def test_demo_tiles_and_embedding_cache(tiles, tmp_path):
+    ts = load_tileset(tiles)
+    assert ts.table.height == 24 and set(ts.table["center"]) == {"centre-a", "centre-b"}
+    assert set(ts.table["label"]) == {"dense", "sparse"}
+    # the same crop is one group, on one side of the split only
+    assert ts.table.group_by("group").agg(pl.col("split").n_unique())["split"].max() == 1
+    model = load_embedding_model("vit_tiny_patch16_224", random_init=True, img_size=32)
+    out = tmp_path / "tiny.parquet"
+    assert embed_tileset(model, ts, out, progress=False) is True
+    assert embed_tileset(model, ts, out, progress=False) is False  # cached: same model + data
+    e = read_embeddings(out)
+    assert e.vectors.shape == (24, 192) and e.table.columns == ["path", "label", "split", "center", "group"]
+    assert embed_tileset(model, ts, out, data_mpp=0.25, progress=False) is True  # other data mpp
+
+
+def test_embed_cli_on_folder_and_student_run(tiles, built_cache, tmp_path):
+    from g2l_student.config import FitConfig
+    from g2l_student.train import fit
+
+    run = tmp_path / "run"
+    fit(FitConfig(cache=str(built_cache), out=str(run), student="vit_tiny_patch16_224", random_init=True,
+                  img_size=32, steps=2, batch_size=8, num_workers=0, progress=False, val_fraction=0.34))
+    res = runner.invoke(app, ["embed", str(run), str(tiles), "--out", str(tmp_path / "student.parquet")])
+    assert res.exit_code == 0, res.output
+    assert read_embeddings(tmp_path / "student.parquet").vectors.shape == (24, 192)
+    folder = tiles.parent  # class sub-folders
+    res = runner.invoke(app, ["embed", "vit_tiny_patch16_224", str(folder), "--out",
+                              str(tmp_path / "f.parquet"), "--random-init", "--img-size", "32"])
+    assert res.exit_code == 0, res.output
+    assert read_embeddings(tmp_path / "f.parquet").table.columns == ["path", "label"]
+
+
+def _embed(tiles, tmp_path, name, model="vit_tiny_patch16_224", seed=0):
+    m = load_embedding_model(model, random_init=True, img_size=32, seed=seed)
+    out = tmp_path / f"{name}.parquet"
+    embed_tileset(m, load_tileset(tiles), out, progress=False)
+    return out
+
+
+def test_compare_writes_report_metrics_and_pictures(tiles, tmp_path):
+    a = _embed(tiles, tmp_path, "teacher", "vit_small_patch16_224")
+    b = _embed(tiles, tmp_path, "student")
+    res = runner.invoke(app, ["eval", "compare", str(a), str(b), "--out", str(tmp_path / "rep"),
+                              "--bootstrap", "50", "--map", "pca"])
+    assert res.exit_code == 0, res.output
+    m = pl.read_csv(tmp_path / "rep" / "metrics.csv")
+    assert m.columns == ["task", "model", "metric", "value", "k", "ci_low", "ci_high"]
+    assert set(m["model"]) == {"teacher", "student"}
+    ratio = m.filter(pl.col("metric") == "ri_ratio")
+    assert sorted(ratio["k"].to_list()) == [3, 3, 20, 20]
+    ri = m.filter(pl.col("metric") == "ri")
+    assert ri.height == 2 and ri["value"].is_between(0, 1).all()
+    knn = m.filter(pl.col("metric") == "knn_balanced_accuracy").row(0, named=True)
+    assert knn["k"] == 20 and knn["ci_low"] <= knn["value"] <= knn["ci_high"]
+    cka = m.filter(pl.col("metric") == "cka_vs_teacher")
+    assert cka.height == 1 and 0 <= cka["value"][0] <= 1
+    for name in ("report.md", "bars-tiles.png", "map-tiles.png"):
+        assert (tmp_path / "rep" / name).exists()
+    assert "| teacher |" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_bad_inputs(tiles, tmp_path):
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("file,label\nx.png,a\n")
+    with pytest.raises(G2LError, match="'path'"):
+        load_tileset(bad_csv)
+    one = tmp_path / "one.csv"
+    ts = load_tileset(tiles)
+    ts.table.with_columns(pl.lit("dense").alias("label")).write_csv(one)
+    out = _embed(one, tmp_path, "oneclass")
+    with pytest.raises(G2LError, match="at least 2 classes"):
+        compare([out], tmp_path / "r1", n_boot=5, map_method="pca")
+    single = tmp_path / "single.csv"
+    ts.table.with_columns(pl.lit("centre-a").alias("center")).write_csv(single)
+    out = _embed(single, tmp_path, "onecentre")
+    compare([out], tmp_path / "r2", n_boot=5, map_method="pca")
+    assert "robustness index is undefined" in (tmp_path / "r2" / "report.md").read_text()
+    a = _embed(tiles, tmp_path, "a")
+    with pytest.raises(G2LError, match="different tile sets"):
+        cka_between(read_embeddings(a), read_embeddings(out))
+    res = runner.invoke(app, ["eval", "cka", str(a), str(out)])
+    assert res.exit_code == 2 and "different tile sets" in res.output
+    nan = tmp_path / "nan.parquet"
+    table = pq.read_table(a)
+    vec = np.full((table.num_rows, 192), np.nan, dtype=np.float32)
+    table = table.set_column(table.schema.get_field_index("embedding"), "embedding",
+                             pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), 192))
+    pq.write_table(table.replace_schema_metadata(pq.read_schema(a).metadata), nan)
+    with pytest.raises(G2LError, match="NaN"):
+        read_embeddings(nan)
+    plain = tmp_path / "plain.parquet"
+    pl.DataFrame({"path": ["x"], "label": ["a"]}).write_parquet(plain)
+    with pytest.raises(G2LError, match="not written by `g2l embed`"):
+        read_embeddings(plain)

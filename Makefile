@@ -46,5 +46,14 @@ demo: install $(DEMO)/slides/.done
 test: install
 	$(BIN)/python -m pytest -q
 
+# CPU benchmarks (a few minutes each): figures in benchmarks/results/NAME.json.
+bench: install
+	cd benchmarks && ../$(BIN)/python cache_build.py
+	cd benchmarks && ../$(BIN)/python student_fit.py
+	cd benchmarks && ../$(BIN)/python cached_vs_online.py
+	cd benchmarks && ../$(BIN)/python cache_read.py
+	cd benchmarks && ../$(BIN)/python storage.py
+	cd benchmarks && ../$(BIN)/python scaling.py
+
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -109,6 +109,7 @@ class BuildSummary:
     targets_written: int
     seconds: float
     shards: list[int]
+    steady_views_per_second: float = 0.0  # this rank, after the first batch: no start-up costs
 
     @property
     def views_per_second(self) -> float:
@@ -194,33 +195,36 @@ def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
     progress = BuildProgress(enabled=cfg.progress and dist.is_main, console=console,
                              n_slides=len(my_specs))
     failed: dict[str, str] = {}
-    written = 0
+    written, timing = 0, {}
     try:
         with progress:
             records = _plan_slides(cfg, layout, my_specs, writers, n_shards, progress, failed)
-            written = _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed)
+            written = _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, timing)
     finally:
         for w in writers.values():
             w.close()
     dist.barrier()
     if dist.is_main:
         finalise_cache(layout, specs, teacher.info(), dist.world_size)
-    written = dist.all_sum(written)
+    local_written, written = written, dist.all_sum(written)
     manifest = read_manifest(layout.root)
     counts = manifest["counts"]
     all_failed = {s["slide_id"]: s["error"] for s in _failed_slides(layout)}
+    steady = 0.0
+    if timing.get("first") is not None and timing["end"] > timing["first"]:
+        steady = (local_written - timing["first_views"]) / (timing["end"] - timing["first"])
     return BuildSummary(str(layout.root), fp, counts["slides_ok"], counts["slides_failed"],
                         all_failed, counts["tiles"], counts["views"], written,
-                        time.time() - started, my_shards)
+                        time.time() - started, my_shards, steady)
 
 
 def _failed_slides(layout: CacheLayout) -> list[dict]:
-    import polars as pl
+    import pyarrow.parquet as pq
 
     if not layout.slides.exists():
         return []
-    df = pl.read_parquet(layout.slides).filter(pl.col("status") == "failed")
-    return df.select("slide_id", "error").to_dicts()
+    rows = pq.read_table(layout.slides, columns=["slide_id", "status", "error"]).to_pylist()
+    return [r for r in rows if r["status"] == "failed"]
 
 
 def _loader(dataset, cfg: BuildConfig, pin: bool):
@@ -272,8 +276,10 @@ def _read_record(writer: ShardWriter, slide_id: str) -> dict | None:
     return None if value is None else json.loads(value)
 
 
-def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed) -> int:
-    """Phase 2: run the teacher on every view that has no target yet; return targets written."""
+def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, timing: dict) -> int:
+    """Phase 2: run the teacher on every view that has no target yet; return targets written.
+
+    `timing` gets when the first batch arrived and when the last commit ended (steady state)."""
     chunks, total = [], 0
     for rec in records:
         writer = writers[rec["shard"]]
@@ -303,6 +309,8 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed) -
     written = 0
     try:
         for item in _loader(dataset, cfg, pin=teacher.mean.device.type == "cuda"):
+            if timing.get("first") is None:
+                timing["first"], timing["first_views"] = time.time(), len(item.get("view_ids", []))
             slide_id = item["slide_id"]
             if slide_id in failed:
                 continue
@@ -325,6 +333,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed) -
                 progress.slide_done(slide_id, ok=True)
     finally:
         bg.close()
+        timing["end"] = time.time()
     return written
 
 

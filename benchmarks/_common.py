@@ -60,13 +60,17 @@ def demo_slides(n: int) -> Path:
 
 
 def build_config(args, out: Path, teacher: str | None = None, **overrides):
-    from g2l_cache.build import BuildConfig
+    """Build from demo slides, or (with --cache) add the teacher to that cache's stored tiles."""
+    from g2l_cache.build import BuildConfig, existing_cache_options
 
-    return BuildConfig(out=str(out), teacher=teacher or args.teacher, slides=[str(demo_slides(args.slides))],
-                       random_init=True, tile_size=args.tile_size, crop_size=args.crop_size,
-                       views=args.views, max_tiles_per_slide=args.tiles_per_slide,
-                       batch_size=args.batch_size, num_workers=args.workers, progress=False,
-                       cpu=not args.device.startswith("cuda"), **overrides)
+    common = dict(out=str(out), teacher=teacher or args.teacher, random_init=True,
+                  batch_size=args.batch_size, num_workers=args.workers, progress=False,
+                  cpu=not args.device.startswith("cuda"), **overrides)
+    if args.cache:
+        return BuildConfig(**existing_cache_options(out), **common)
+    return BuildConfig(slides=[str(demo_slides(args.slides))], tile_size=args.tile_size,
+                       crop_size=args.crop_size, views=args.views,
+                       max_tiles_per_slide=args.tiles_per_slide, **common)
 
 
 def fresh(path: Path) -> Path:
@@ -95,6 +99,27 @@ def _has_teacher(args) -> bool:
 
     m = read_manifest(args.cache)
     return any(t["spec"]["name"] == args.teacher and t.get("complete") for t in m["teachers"].values())
+
+
+def meta_flops(name: str, size: int, train: bool) -> float:
+    """FLOPs per image of a teacher preset / timm model: forward, or forward + backward if train.
+
+    Counted on the meta device: shapes only, no weights, no time.
+    """
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from g2l_cache.teachers import get_preset
+
+    preset = get_preset(name)
+    with torch.device("meta"):
+        model = timm.create_model(preset.arch, num_classes=0, img_size=size, **preset.kwargs)
+        x = torch.empty(1, 3, size, size)
+        with FlopCounterMode(display=False) as counter:
+            out = model.forward_features(x)
+            if train:
+                out.float().mean().backward()
+    return float(counter.get_total_flops())
 
 
 def timed(fn, iters: int, device: str, warmup: int = 3) -> float:

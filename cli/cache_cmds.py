@@ -50,11 +50,12 @@ def build(
 ) -> None:
     """Tile slides, make K augmented views per tile, run the teacher, and cache the targets.
 
-    Re-running with the same settings resumes; with another --teacher it adds that teacher's
-    targets for the same views without reading slides again. Works under torchrun /
+    Re-running resumes; with another --teacher it adds that teacher's targets for the same views
+    without reading slides again (SLIDES and the tiling/view options may then be left out: they
+    default to the cache's). Works under torchrun /
     accelerate launch: slides are sharded across processes.
     """
-    from g2l_cache.build import config_from_dict, run_build
+    from g2l_cache.build import config_from_dict, existing_cache_options, run_build
 
     values = merge_options(load_toml(config, "build"), slides=[str(s) for s in slides or []],
                            out=str(out) if out else None, teacher=teacher,
@@ -68,6 +69,8 @@ def build(
     for required in ("out", "teacher"):
         if not values.get(required):
             raise typer.BadParameter(f"--{required} is required (on the command line or in --config).")
+    # Resuming or adding a teacher: options left out take the existing cache's settings.
+    values = {**existing_cache_options(values["out"]), **values}
     if no_progress:
         values["progress"] = False
     summary = run_build(config_from_dict(values))

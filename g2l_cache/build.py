@@ -341,6 +341,27 @@ def records_by_id(records: list[dict]) -> dict[str, dict]:
     return {r["slide_id"]: r for r in records}
 
 
+def existing_cache_options(out: str | Path) -> dict:
+    """The tiling/view options an existing cache was built with ({} if `out` is no cache yet).
+
+    Options a user leaves out when resuming or adding a teacher default to these, so the
+    settings match without repeating them.
+    """
+    from g2l_cache.layout import CacheLayout
+
+    if not CacheLayout(out).manifest.exists():
+        return {}
+    s = read_manifest(out)["settings"]
+    t, v, e = s["tiling"], s["views"], s["tile_encoding"]
+    values = {"mpp": t["mpp"], "tile_size": t["tile_size"], "tissue_threshold": t["tissue_threshold"],
+              "tissue_method": t["tissue_method"], "max_tiles_per_slide": t["max_tiles_per_slide"],
+              "crop_size": v["policy"]["crop_size"], "views": v["per_tile"], "seed": s["seed"],
+              "tile_format": e["format"]}
+    if e.get("quality") is not None:
+        values["jpeg_quality"] = e["quality"]
+    return values
+
+
 def config_from_dict(values: dict) -> BuildConfig:
     """A BuildConfig from a plain mapping (TOML file + CLI options); unknown keys are an error."""
     known = set(BuildConfig.__dataclass_fields__)

@@ -307,6 +307,21 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, t
                            cfg.seed, cfg.tile_format, cfg.jpeg_quality)
     bg = BackgroundWriter(writers)
     written = 0
+
+    def commit(batch: _InFlight) -> int:
+        item = batch.item
+        emb, patch = batch.result()
+        puts = [(tile_key(t), b) for t, b in item["new_tiles"]]
+        puts += [(target_key(fp, vid), encode_target(emb[i], patch[i]))
+                 for i, vid in enumerate(item["view_ids"])]
+        bg.put(item["shard"], puts)
+        progress.views_done(len(item["view_ids"]))
+        remaining[item["slide_id"]] -= 1
+        if remaining[item["slide_id"]] == 0:
+            progress.slide_done(item["slide_id"], ok=True)
+        return len(item["view_ids"])
+
+    in_flight = None
     try:
         for item in _loader(dataset, cfg, pin=teacher.mean.device.type == "cuda"):
             if timing.get("first") is None:
@@ -320,21 +335,35 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, t
                 bg.put(item["shard"], [(slide_key(slide_id), json.dumps(rec).encode())])
                 progress.slide_done(slide_id, ok=False, error=item["error"])
                 continue
-            emb, patch = teacher.embed(item["views"])
-            emb, patch = emb.cpu().numpy(), patch.cpu().numpy()
-            puts = [(tile_key(t), b) for t, b in item["new_tiles"]]
-            puts += [(target_key(fp, vid), encode_target(emb[i], patch[i]))
-                     for i, vid in enumerate(item["view_ids"])]
-            bg.put(item["shard"], puts)
-            written += len(item["view_ids"])
-            progress.views_done(len(item["view_ids"]))
-            remaining[slide_id] -= 1
-            if remaining[slide_id] == 0:
-                progress.slide_done(slide_id, ok=True)
+            # Launch this batch, then finish the previous one while the device works on it.
+            launched = _InFlight(item, *teacher.embed(item["views"]))
+            if in_flight is not None:
+                written += commit(in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            written += commit(in_flight)
     finally:
         bg.close()
         timing["end"] = time.time()
     return written
+
+
+class _InFlight:
+    """A batch whose targets may still be computing on the GPU, copied back asynchronously."""
+
+    def __init__(self, item: dict, emb: torch.Tensor, patch: torch.Tensor):
+        self.item = item
+        self.event = None
+        if emb.device.type == "cuda":
+            emb, patch = emb.to("cpu", non_blocking=True), patch.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.emb, self.patch = emb, patch
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.emb.numpy(), self.patch.numpy()
 
 
 def records_by_id(records: list[dict]) -> dict[str, dict]:

@@ -66,15 +66,14 @@ class EMA:
 
 
 class TrainState:
-    """Where training is: optimiser steps done, epoch, micro-batches consumed in that epoch."""
+    """Where training is: optimiser steps done and micro-batches consumed (epochs follow from it)."""
 
     def __init__(self):
         self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
+        self.micro_batch = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        return {"step": self.step, "micro_batch": self.micro_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.step, self.micro_batch = state["step"], state["micro_batch"]

@@ -39,28 +39,32 @@ class FitResult:
     export: str | None
 
 
-class EpochSampler(Sampler):
-    """Yields the rows of one epoch (seeded view choice + order); `use_epoch` moves to another.
+class RunSampler(Sampler):
+    """Rows of micro-batches [start, stop) of a whole run, one epoch straight after another.
 
-    Not named `set_epoch` on purpose: Accelerate calls `set_epoch(n)` with its own count of passes
-    over a loader, which restarts at 0 for a resumed or skipped loader.
+    Epoch e visits `epoch_rows(e)` (seeded view choice and order) cut to whole batches. One
+    sampler for the whole run means no pipeline stall at epoch boundaries, and a resumed run starts
+    at its exact micro-batch without replaying the loader.
     """
 
-    def __init__(self, views: pl.DataFrame, seed: int, mode: str):
-        self.views, self.seed, self.mode, self.epoch = views, seed, mode, 0
-        self._len = len(epoch_rows(views, 0, seed, mode))
+    def __init__(self, views: pl.DataFrame, seed: int, mode: str, batch_size: int, start: int, stop: int):
+        self.views, self.seed, self.mode, self.batch_size = views, seed, mode, batch_size
+        self.start, self.stop = start, stop
+        self.batches_per_epoch = len(epoch_rows(views, 0, seed, mode)) // batch_size
 
-    def use_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def rows(self) -> np.ndarray:
-        return epoch_rows(self.views, self.epoch, self.seed, self.mode)
+    def epoch_of(self, micro_batch: int) -> int:
+        return micro_batch // self.batches_per_epoch
 
     def __iter__(self):
-        return iter(self.rows().tolist())
+        epoch, rows = None, None
+        for mb in range(self.start, self.stop):
+            e, j = divmod(mb, self.batches_per_epoch)
+            if e != epoch:
+                epoch, rows = e, epoch_rows(self.views, e, self.seed, self.mode)
+            yield from rows[j * self.batch_size:(j + 1) * self.batch_size].tolist()
 
     def __len__(self) -> int:
-        return self._len
+        return (self.stop - self.start) * self.batch_size
 
 
 @dataclass
@@ -123,7 +127,7 @@ def fit(cfg: FitConfig) -> FitResult:
     use_cpu = cfg.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else "bf16",
                               gradient_accumulation_steps=cfg.grad_accum,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=not use_cpu),
                               step_scheduler_with_optimizer=False)
     if cfg.batch_size % accelerator.num_processes:
         raise G2LError(f"--batch-size {cfg.batch_size} must divide by the {accelerator.num_processes} processes.")
@@ -150,10 +154,10 @@ def fit(cfg: FitConfig) -> FitResult:
     if not run.run_json.exists():
         raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
     train_set = CachedViews(data.reader, data.train, data.teacher["fingerprint"])
-    sampler = EpochSampler(data.train, cfg.seed, cfg.views_per_epoch)
-    batches_per_epoch = len(sampler) // cfg.batch_size
+    samples_per_epoch = len(epoch_rows(data.train, 0, cfg.seed, cfg.views_per_epoch))
+    batches_per_epoch = samples_per_epoch // cfg.batch_size
     if batches_per_epoch < cfg.grad_accum:
-        raise G2LError(f"the training split has {len(sampler)} samples per epoch, fewer than one step "
+        raise G2LError(f"the training split has {samples_per_epoch} samples per epoch, fewer than one step "
                        f"of {cfg.batch_size * cfg.grad_accum}; lower --batch-size or --grad-accum.")
     total = cfg.steps or (cfg.epochs or 1) * (batches_per_epoch // cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
@@ -162,9 +166,7 @@ def fit(cfg: FitConfig) -> FitResult:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     scheduler = cosine_with_warmup(optimizer, warmup, total)
-    loader = DataLoader(train_set, batch_sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
-                        **_worker_kwargs(cfg.num_workers, use_cpu))
-    student, optimizer, scheduler, loader = accelerator.prepare(student, optimizer, scheduler, loader)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     state, early_stop = TrainState(), G2LEarlyStop(cfg.early_stop_window, cfg.early_stop_patience)
     ema = EMA(accelerator.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay else None
     for obj in (state, early_stop, ema):
@@ -186,58 +188,61 @@ def fit(cfg: FitConfig) -> FitResult:
     accelerator.wait_for_everyone()
 
     # --- the training loop --------------------------------------------------------------------
+    sampler = RunSampler(data.train, cfg.seed, cfg.views_per_epoch, cfg.batch_size,
+                         start=state.micro_batch, stop=total * cfg.grad_accum)
+    loader = accelerator.prepare(DataLoader(
+        train_set, batch_sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
+        **_worker_kwargs(cfg.num_workers, use_cpu)))
     started, stopped, last_loss = time.time(), "steps", None
     progress = _progress(main and cfg.progress, total, state.step)
     pending: list[torch.Tensor] = []
-    while state.step < total:
-        sampler.use_epoch(state.epoch)
-        epoch_loader = (accelerator.skip_first_batches(loader, state.batch_in_epoch)
-                        if state.batch_in_epoch else loader)
-        for views, t_cls, t_patch in epoch_loader:
-            with accelerator.accumulate(student):
-                if teacher is not None:
-                    t_cls, t_patch = teacher.embed(views)
-                out = student(views)
-                loss = 0.0
-                if cfg.target in ("cls", "both"):
-                    loss = loss + cfg.cls_weight * loss_fn(out["cls"], t_cls)
-                if cfg.target in ("mean-patch", "both"):
-                    loss = loss + cfg.patch_weight * loss_fn(out["mean-patch"], t_patch)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            state.batch_in_epoch += 1
-            pending.append(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            last_loss = accelerator.reduce(torch.stack(pending).mean(), "mean").item()
-            pending = []
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(student))
-            if main:
-                run.log({"step": state.step, "epoch": state.epoch, "loss": f"{last_loss:.7g}",
-                         "lr": f"{scheduler.get_last_lr()[0]:.6g}",
-                         "grad_norm": "" if grad_norm is None else f"{float(grad_norm):.5g}",
-                         "seconds": f"{time.time() - started:.2f}"})
-                progress.update(state.step, last_loss)
-            stop = cfg.early_stop == "g2l" and early_stop.update(last_loss)
-            if stop or state.step % cfg.checkpoint_every == 0 or state.step == total:
-                _save_checkpoint(accelerator, run, state.step, cfg.keep_checkpoints, ema)
-            if stop:
-                stopped = "early-stop"
-                break
-            if state.step >= total:
-                break
-        else:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    unlogged = None
+    for views, t_cls, t_patch in loader:
+        with accelerator.accumulate(student):
+            if teacher is not None:
+                t_cls, t_patch = teacher.embed(views)
+            out = student(views)
+            loss = 0.0
+            if cfg.target in ("cls", "both"):
+                loss = loss + cfg.cls_weight * loss_fn(out["cls"], t_cls)
+            if cfg.target in ("mean-patch", "both"):
+                loss = loss + cfg.patch_weight * loss_fn(out["mean-patch"], t_patch)
+            accelerator.backward(loss)
+            grad_norm = None
+            if accelerator.sync_gradients and cfg.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad()
+        state.micro_batch += 1
+        pending.append(loss.detach())
+        if not accelerator.sync_gradients:
             continue
-        break
+        state.step += 1
+        step = {"step": state.step, "epoch": sampler.epoch_of(state.micro_batch - 1),
+                "loss": accelerator.reduce(torch.stack(pending).mean(), "mean"),
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "seconds": time.time() - started}
+        pending = []
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(student))
+        # Reading the loss waits for the GPU. Without early stopping, step N is read after step
+        # N+1 is queued, so the host never leaves the device idle; the rule needs it at once.
+        to_log, unlogged = (step, None) if cfg.early_stop else (unlogged, step)
+        stop = False
+        if to_log is not None:
+            last_loss = _log_step(run, progress, to_log, main)
+            stop = cfg.early_stop == "g2l" and early_stop.update(last_loss)
+        if stop or state.step % cfg.checkpoint_every == 0 or state.step == total:
+            if unlogged is not None:  # a checkpoint's metrics must be on disk with it
+                last_loss, unlogged = _log_step(run, progress, unlogged, main), None
+            _save_checkpoint(accelerator, run, state.step, cfg.keep_checkpoints, ema)
+        if stop:
+            stopped = "early-stop"
+            break
+    if unlogged is not None:
+        last_loss = _log_step(run, progress, unlogged, main)
     progress.close()
 
     # --- export and report --------------------------------------------------------------------
@@ -257,6 +262,19 @@ def fit(cfg: FitConfig) -> FitResult:
         run.update_info(status="finished", steps=state.step, stopped=stopped)
     accelerator.wait_for_everyone()
     return FitResult(str(run.root), state.step, stopped, last_loss, result_fidelity, export_dir)
+
+
+def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:
+    """Read one step's loss off the device, write its metrics row; return the loss."""
+    loss = float(step["loss"].item())
+    if main:
+        grad_norm = step["grad_norm"]
+        run.log({"step": step["step"], "epoch": step["epoch"], "loss": f"{loss:.7g}",
+                 "lr": f"{step['lr']:.6g}",
+                 "grad_norm": "" if grad_norm is None else f"{float(grad_norm):.5g}",
+                 "seconds": f"{step['seconds']:.2f}"})
+        progress.update(step["step"], loss)
+    return loss
 
 
 def _worker_kwargs(num_workers: int, use_cpu: bool) -> dict:

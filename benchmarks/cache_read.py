@@ -9,7 +9,7 @@ import random
 import time
 from pathlib import Path
 
-from _common import RESULTS, bench_cache, device_name, parser, save
+from _common import bench_cache, device_name, parser, save
 
 
 def main() -> None:

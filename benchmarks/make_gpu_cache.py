@@ -6,7 +6,6 @@ Usage: python benchmarks/make_gpu_cache.py OUT [--slides 6] [--tiles-per-slide 2
 """
 
 import argparse
-from pathlib import Path
 
 from _common import demo_slides
 

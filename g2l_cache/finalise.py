@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from g2l_cache.layout import CacheLayout, read_manifest, write_manifest
+from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest, write_manifest
 from g2l_cache.slides import SlideSpec
 from g2l_cache.store import close_env, iter_prefix, shared_env, target_prefix, unpack
 from g2l_cache.views import ViewPolicy, sample_view, view_param_names
@@ -102,7 +102,7 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
         n_tiles += shard_tiles
         shard_states.append({"index": shard, "path": str(path.relative_to(layout.root)),
                              "state": "complete", "slides": shard_slides, "tiles": shard_tiles,
-                             "bytes": _dir_bytes(path)})
+                             "bytes": dir_bytes(path)})
     tiles_out.close(schemas["tiles"])
     views_out.close(schemas["views"])
     slides_table = pa.Table.from_pylist(slide_rows) if slide_rows else None
@@ -161,7 +161,3 @@ def _view_columns(rec: dict, shard: int, k_views: int, seed: int, policy: ViewPo
             for name, value in params.items():
                 cols[name].append(value)
     return cols
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

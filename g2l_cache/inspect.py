@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from g2l_cache.layout import CacheLayout, read_manifest
+from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.reader import CacheReader
 from g2l_cache.store import CorruptValue, iter_prefix, shared_env, target_prefix, unpack
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def cache_info(root: str) -> dict:
@@ -22,8 +17,8 @@ def cache_info(root: str) -> dict:
     manifest = read_manifest(root)
     layout = CacheLayout(root)
     counts = manifest.get("counts", {})
-    total = _dir_bytes(layout.root)
-    shard_bytes = sum(_dir_bytes(layout.shard(s)) for s in range(manifest["n_shards"])
+    total = dir_bytes(layout.root)
+    shard_bytes = sum(dir_bytes(layout.shard(s)) for s in range(manifest["n_shards"])
                       if layout.shard(s).exists())
     views = counts.get("views", 0) or 0
     teachers = {fp: {"name": t["spec"]["name"], "embed_dim": t["embed_dim"],

@@ -57,10 +57,18 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file via a temp file + rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_manifest(root: str | Path, manifest: dict) -> None:
-    """Write the manifest atomically (temp file + rename), so a crash never leaves half a file."""
-    layout = CacheLayout(root)
-    manifest = dict(manifest, updated=now_iso())
-    tmp = layout.manifest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
-    os.replace(tmp, layout.manifest)
+    """Write the manifest atomically."""
+    write_text_atomic(CacheLayout(root).manifest, json.dumps(dict(manifest, updated=now_iso()), indent=2))
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file below a folder."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -13,7 +13,7 @@ from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout
 from g2l_cache.qc import write_qc_png
 from g2l_cache.slides import OpenedSlide, SlideSpec, file_fingerprint, open_slide
-from g2l_cache.store import get_value, shared_env, slide_key, tile_key, unpack
+from g2l_cache.store import get_value, shared_env, slide_key, tile_key
 from g2l_cache.tile_codec import decode_tile, encode_tile
 from g2l_cache.tiling import TileRecord, TilingConfig, make_tile_id, plan_tiles, read_tile
 from g2l_cache.views import ViewPolicy, apply_view, sample_view

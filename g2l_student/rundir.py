@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from g2l_cache.errors import G2LError
-from g2l_cache.layout import now_iso
+from g2l_cache.layout import now_iso, write_text_atomic
 
 RUN_FORMAT = "g2l-run"
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds"]
@@ -95,9 +95,7 @@ class RunDir:
 
     @staticmethod
     def _write_json(path: Path, data: dict) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=2))
 
     # -- metrics -------------------------------------------------------------------------------
     def truncate_metrics(self, last_step: int) -> None:

@@ -11,12 +11,12 @@ import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from g2l_cache import CacheReader, G2LError
+from g2l_cache.layout import write_text_atomic
 from g2l_cache.teachers import TeacherSpec, load_teacher
 from g2l_student.config import FitConfig
 from g2l_student.data import CachedViews, epoch_rows, select_views, split_by_slide
@@ -309,9 +309,7 @@ def _save_checkpoint(accelerator, run: RunDir, step: int, keep: int, ema: EMA | 
 
 
 def _write_fidelity(run: RunDir, data: dict) -> None:
-    tmp = run.fidelity.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, run.fidelity)
+    write_text_atomic(run.fidelity, json.dumps(data, indent=2))
 
 
 def _read_fidelity(run: RunDir) -> dict:

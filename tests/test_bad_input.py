@@ -132,8 +132,8 @@ def test_csv_without_path_column(tmp_path):
 def test_config_file_feeds_the_same_options(demo_dir, tmp_path):
     one = sorted(demo_dir.glob("*.tif"))[0]
     toml = tmp_path / "build.toml"
-    toml.write_text(f'[build]\nteacher = "vit_tiny_patch16_224"\nrandom_init = true\ntile_size = 64\n'
-                    f'crop_size = 48\nviews = 3\nmax_tiles_per_slide = 2\nnum_workers = 0\n')
+    toml.write_text('[build]\nteacher = "vit_tiny_patch16_224"\nrandom_init = true\ntile_size = 64\n'
+                    'crop_size = 48\nviews = 3\nmax_tiles_per_slide = 2\nnum_workers = 0\n')
     out = tmp_path / "c"
     result = runner.invoke(app, ["cache", "build", str(one), "--out", str(out), "--config", str(toml),
                                  "--no-progress"])

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import polars as pl
-import pytest
 import torch
 
 from conftest import cache_items, run_cli, small_config

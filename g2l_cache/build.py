@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -398,9 +398,3 @@ def config_from_dict(values: dict) -> BuildConfig:
     if unknown:
         raise G2LError(f"unknown build option(s) {', '.join(unknown)}; see `g2l cache build --help`.")
     return BuildConfig(**values)
-
-
-def config_to_dict(cfg: BuildConfig) -> dict:
-    return asdict(cfg)
-
-

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import small_config
+from conftest import run_cli, small_config
 from g2l_cache import CacheReader, G2LError
 from g2l_cache.build import run_build
 from g2l_student.config import FitConfig
@@ -137,8 +137,7 @@ def test_kill_9_then_resume_gives_the_same_losses(built_cache, tmp_path):
            "checkpoint_every": 5}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     reference = tmp_path / "reference"
-    res = subprocess.run([sys.executable, "-m", "cli", *_cli_args(built_cache, reference, cfg)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    res = run_cli(*_cli_args(built_cache, reference, cfg), env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen([sys.executable, "-m", "cli", *_cli_args(built_cache, crashed, cfg)],
@@ -153,8 +152,7 @@ def test_kill_9_then_resume_gives_the_same_losses(built_cache, tmp_path):
     proc.wait()
     done = len(run.read_metrics())
     assert 10 <= done < 40
-    res = subprocess.run([sys.executable, "-m", "cli", *_cli_args(built_cache, crashed, cfg), "--resume"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    res = run_cli(*_cli_args(built_cache, crashed, cfg), "--resume", env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     assert [int(r["step"]) for r in run.read_metrics()] == list(range(1, 41))
     np.testing.assert_allclose(_losses(crashed), _losses(reference), rtol=1e-5, atol=1e-6)
@@ -164,8 +162,7 @@ def test_two_processes_match_one_process(built_cache, tmp_path):
     cfg = {**TINY, "steps": 8, "lr": 1e-4}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
-    res = subprocess.run([sys.executable, "-m", "cli", *_cli_args(built_cache, one, cfg)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    res = run_cli(*_cli_args(built_cache, one, cfg), env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     two = tmp_path / "two"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -142,3 +142,30 @@ def test_png_tiles_are_lossless(demo_dir, tmp_path):
     assert np.array_equal(reader.tile_pixels(row["tile_id"], row["shard"]), raw)
 
 
+
+
+def test_plain_png_slide_needs_and_takes_an_mpp(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from g2l_cache.demo_slides import make_mosaic, source_he_image
+
+    folder = tmp_path / "png"
+    folder.mkdir()
+    mosaic = make_mosaic(source_he_image(), (600, 800), np.random.default_rng(0), 6)
+    Image.fromarray(mosaic).save(folder / "plain.png")
+    out = tmp_path / "c"
+    args = ["cache", "build", str(folder), "--out", str(out), "--teacher", "vit_tiny_patch16_224",
+            "--random-init", "--tile-size", "64", "--crop-size", "48", "--views", "2",
+            "--max-tiles-per-slide", "3", "--num-workers", "0", "--no-progress"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 1 and "--mpp-override" in first.output
+    # the retry leaves the tiling/view options out: they default to the cache's settings
+    second = CliRunner().invoke(app, ["cache", "build", str(folder), "--out", str(out), "--teacher",
+                                      "vit_tiny_patch16_224", "--random-init", "--mpp-override", "0.5",
+                                      "--num-workers", "0", "--no-progress"])
+    assert second.exit_code == 0, second.output
+    reader = CacheReader(str(out))
+    assert reader.slides()["status"].to_list() == ["ok"] and reader.tiles().height == 3
+    assert reader.policy.tile_size == 64 and reader.views_per_tile == 2

@@ -76,8 +76,11 @@ class CacheReader:
 
     def replay(self, view_row: dict) -> torch.Tensor:
         """The exact [0, 1] input the teacher saw for a views.parquet row."""
-        pixels = self.tile_pixels(view_row["tile_id"], view_row["shard"])
-        return apply_view(pixels, ViewParams.from_dict(view_row))
+        return self.replay_view(view_row["tile_id"], view_row["shard"], ViewParams.from_dict(view_row))
+
+    def replay_view(self, tile_id: str, shard: int, params: ViewParams) -> torch.Tensor:
+        """Stored pixels of a tile with one view applied: what teacher and student both see."""
+        return apply_view(self.tile_pixels(tile_id, shard), params)
 
     def close(self) -> None:
         """Close this process's handles on the cache's shards."""

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from g2l_cache import CacheReader, G2LError
-from g2l_cache.views import ViewParams, apply_view
+from g2l_cache.views import ViewParams
 
 VIEW_CHOICES = ("one", "all")
 
@@ -99,7 +99,8 @@ class CachedViews(Dataset):
         self.reader = reader
         self.teacher_fp = teacher_fp
         self.embed_dim = reader.manifest["teachers"][teacher_fp]["embed_dim"] if teacher_fp else 0
-        self.params = views.select(list(ViewParams.__dataclass_fields__)).to_dicts()
+        self.params = [ViewParams(**row) for row in
+                       views.select(list(ViewParams.__dataclass_fields__)).to_dicts()]
         self.view_ids = views["view_id"].to_list()
         self.tile_ids = views["tile_id"].to_list()
         self.shards = views["shard"].to_list()
@@ -108,8 +109,7 @@ class CachedViews(Dataset):
         return len(self.view_ids)
 
     def __getitem__(self, i: int):
-        pixels = self.reader.tile_pixels(self.tile_ids[i], self.shards[i])
-        view = apply_view(pixels, ViewParams(**self.params[i]))
+        view = self.reader.replay_view(self.tile_ids[i], self.shards[i], self.params[i])
         if self.teacher_fp is None:
             return view, torch.zeros(0), torch.zeros(0)
         emb, patch = self.reader.target(self.teacher_fp, self.view_ids[i], self.shards[i])

@@ -193,7 +193,7 @@ def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
     by_shard = {s: [sp for sp in specs if shard_of(sp.slide_id, n_shards) == s] for s in my_shards}
     my_specs = [sp for s in my_shards for sp in by_shard[s]]
     progress = BuildProgress(enabled=cfg.progress and dist.is_main, console=console,
-                             n_slides=len(my_specs))
+                             n_slides=len(my_specs), views_per_tile=cfg.views)
     failed: dict[str, str] = {}
     written, timing = 0, {}
     try:

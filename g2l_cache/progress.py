@@ -7,10 +7,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class BuildProgress:
-    """Two bars: slides (ok/failed) and views embedded, with throughput."""
+    """Two bars: slides (ok/failed) and views embedded, with views/s and tiles/s."""
 
-    def __init__(self, enabled: bool, n_slides: int, console: Console | None = None):
+    def __init__(self, enabled: bool, n_slides: int, console: Console | None = None,
+                 views_per_tile: int = 1):
         self.enabled = enabled
+        self.views_per_tile = views_per_tile
         self.ok = self.failed = 0
         self._seen: set[str] = set()
         if not enabled:
@@ -58,4 +60,5 @@ class BuildProgress:
             self.progress.advance(self.views, n)
             task = self.progress.tasks[self.views]
             speed = task.speed
-            self.progress.update(self.views, rate=f"{speed:.1f} views/s" if speed else "")
+            rate = f"{speed:.1f} views/s ({speed / self.views_per_tile:.1f} tiles/s)" if speed else ""
+            self.progress.update(self.views, rate=rate)

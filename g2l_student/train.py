@@ -10,6 +10,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 import torch
@@ -54,6 +55,15 @@ class RunSampler(Sampler):
 
     def epoch_of(self, micro_batch: int) -> int:
         return micro_batch // self.batches_per_epoch
+
+    def record_epoch(self, epoch: int, folder: Path) -> None:
+        """Write the views epoch `epoch` visits, in order, to folder/epoch_NNNNNN.parquet (once)."""
+        path = folder / f"epoch_{epoch:06d}.parquet"
+        if path.exists():
+            return
+        rows = epoch_rows(self.views, epoch, self.seed, self.mode)[:self.batches_per_epoch * self.batch_size]
+        folder.mkdir(parents=True, exist_ok=True)
+        self.views[rows].select("view_id").write_parquet(path)
 
     def __iter__(self):
         epoch, rows = None, None
@@ -197,7 +207,11 @@ def fit(cfg: FitConfig) -> FitResult:
     progress = _progress(main and cfg.progress, total, state.step)
     pending: list[torch.Tensor] = []
     unlogged = None
+    recorded_epoch = None
     for views, t_cls, t_patch in loader:
+        if main and sampler.epoch_of(state.micro_batch) != recorded_epoch:
+            recorded_epoch = sampler.epoch_of(state.micro_batch)
+            sampler.record_epoch(recorded_epoch, run.epochs)  # the seeded draw, written down
         with accelerator.accumulate(student):
             if teacher is not None:
                 t_cls, t_patch = teacher.embed(views)

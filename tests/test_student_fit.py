@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -72,6 +73,12 @@ def test_fit_writes_a_complete_run_and_learns(trained):
     assert fid["after"]["cosine"] > fid["before"]["cosine"] + 0.2
     losses = _losses(out)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    # each epoch's seeded draw is recorded: 2 batches of 8 views, at most one view per tile
+    epochs = sorted(run.epochs.glob("epoch_*.parquet"))
+    assert len(epochs) == 20
+    drawn = [pl.read_parquet(p)["view_id"].to_list() for p in epochs]
+    assert all(len(d) == 16 and len({v.split("#")[0] for v in d}) == 16 for d in drawn)
+    assert drawn[0] != drawn[1]
     assert json.loads(run.run_json.read_text())["status"] == "finished"
 
 

@@ -9,7 +9,7 @@ import torch
 
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.reader import CacheReader
-from g2l_cache.store import CorruptValue, iter_prefix, shared_env, target_prefix, unpack
+from g2l_cache.store import CorruptValue, iter_prefix, shared_env, unpack
 
 
 def cache_info(root: str) -> dict:
@@ -48,17 +48,19 @@ def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cp
         path = layout.shard(shard)
         if not path.exists():
             continue
-        env = shared_env(path)
-        for key, value in iter_prefix(env, b""):
+        for key, value in iter_prefix(shared_env(path), b""):
             checked += 1
             try:
                 unpack(value, key)
             except CorruptValue as exc:
                 problems.append(f"shard {shard}: {exc}")
-            if key.startswith(b"tile/"):
-                tile_present.add(key[5:].decode())
-        for fp in teachers:
-            target_counts[fp] += sum(1 for _ in iter_prefix(env, target_prefix(fp), values=False))
+            kind, _, rest = bytes(key).partition(b"/")
+            if kind == b"tile":
+                tile_present.add(rest.decode())
+            elif kind == b"tgt":
+                fp = rest.split(b"/", 1)[0].decode()
+                if fp in target_counts:
+                    target_counts[fp] += 1
     missing_tiles = set(tiles["tile_id"].to_list()) - tile_present
     if missing_tiles:
         problems.append(f"{len(missing_tiles)} tiles in tiles.parquet have no stored pixels "

@@ -73,6 +73,11 @@ def split_by_slide(slide_ids: list[str], val_fraction: float, seed: int) -> tupl
     return [s for s in ids if s not in set(val)], val
 
 
+def samples_per_epoch(views: pl.DataFrame, views_per_epoch: str) -> int:
+    """How many views an epoch visits: one per tile, or all of them."""
+    return views.height if views_per_epoch == "all" else views["tile_id"].n_unique()
+
+
 def epoch_rows(views: pl.DataFrame, epoch: int, seed: int, views_per_epoch: str) -> np.ndarray:
     """Row indices of `views` (sorted by view_id) an epoch visits, in visiting order.
 

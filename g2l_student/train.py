@@ -20,7 +20,7 @@ from g2l_cache import CacheReader, G2LError
 from g2l_cache.layout import write_text_atomic
 from g2l_cache.teachers import TeacherSpec, load_teacher
 from g2l_student.config import FitConfig
-from g2l_student.data import CachedViews, epoch_rows, select_views, split_by_slide
+from g2l_student.data import CachedViews, epoch_rows, samples_per_epoch, select_views, split_by_slide
 from g2l_student.fidelity import measure_fidelity
 from g2l_student.losses import get_loss
 from g2l_student.model import build_student
@@ -45,32 +45,34 @@ class RunSampler(Sampler):
 
     Epoch e visits `epoch_rows(e)` (seeded view choice and order) cut to whole batches. One
     sampler for the whole run means no pipeline stall at epoch boundaries, and a resumed run starts
-    at its exact micro-batch without replaying the loader.
+    at its exact micro-batch without replaying the loader. With `record_to`, each epoch's draw is
+    written to record_to/epoch_NNNNNN.parquet as it is made.
     """
 
-    def __init__(self, views: pl.DataFrame, seed: int, mode: str, batch_size: int, start: int, stop: int):
+    def __init__(self, views: pl.DataFrame, seed: int, mode: str, batch_size: int, start: int,
+                 stop: int, record_to: Path | None = None):
         self.views, self.seed, self.mode, self.batch_size = views, seed, mode, batch_size
-        self.start, self.stop = start, stop
-        self.batches_per_epoch = len(epoch_rows(views, 0, seed, mode)) // batch_size
+        self.start, self.stop, self.record_to = start, stop, record_to
+        self.batches_per_epoch = samples_per_epoch(views, mode) // batch_size
 
     def epoch_of(self, micro_batch: int) -> int:
         return micro_batch // self.batches_per_epoch
 
-    def record_epoch(self, epoch: int, folder: Path) -> None:
-        """Write the views epoch `epoch` visits, in order, to folder/epoch_NNNNNN.parquet (once)."""
-        path = folder / f"epoch_{epoch:06d}.parquet"
-        if path.exists():
-            return
+    def _epoch(self, epoch: int):
         rows = epoch_rows(self.views, epoch, self.seed, self.mode)[:self.batches_per_epoch * self.batch_size]
-        folder.mkdir(parents=True, exist_ok=True)
-        self.views[rows].select("view_id").write_parquet(path)
+        if self.record_to is not None:
+            path = self.record_to / f"epoch_{epoch:06d}.parquet"
+            if not path.exists():
+                self.record_to.mkdir(parents=True, exist_ok=True)
+                self.views[rows].select("view_id").write_parquet(path)
+        return rows
 
     def __iter__(self):
         epoch, rows = None, None
         for mb in range(self.start, self.stop):
             e, j = divmod(mb, self.batches_per_epoch)
             if e != epoch:
-                epoch, rows = e, epoch_rows(self.views, e, self.seed, self.mode)
+                epoch, rows = e, self._epoch(e)
             yield from rows[j * self.batch_size:(j + 1) * self.batch_size].tolist()
 
     def __len__(self) -> int:
@@ -164,10 +166,10 @@ def fit(cfg: FitConfig) -> FitResult:
     if not run.run_json.exists():
         raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
     train_set = CachedViews(data.reader, data.train, data.teacher["fingerprint"])
-    samples_per_epoch = len(epoch_rows(data.train, 0, cfg.seed, cfg.views_per_epoch))
-    batches_per_epoch = samples_per_epoch // cfg.batch_size
+    per_epoch = samples_per_epoch(data.train, cfg.views_per_epoch)
+    batches_per_epoch = per_epoch // cfg.batch_size
     if batches_per_epoch < cfg.grad_accum:
-        raise G2LError(f"the training split has {samples_per_epoch} samples per epoch, fewer than one step "
+        raise G2LError(f"the training split has {per_epoch} samples per epoch, fewer than one step "
                        f"of {cfg.batch_size * cfg.grad_accum}; lower --batch-size or --grad-accum.")
     total = cfg.steps or (cfg.epochs or 1) * (batches_per_epoch // cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
@@ -199,7 +201,8 @@ def fit(cfg: FitConfig) -> FitResult:
 
     # --- the training loop --------------------------------------------------------------------
     sampler = RunSampler(data.train, cfg.seed, cfg.views_per_epoch, cfg.batch_size,
-                         start=state.micro_batch, stop=total * cfg.grad_accum)
+                         start=state.micro_batch, stop=total * cfg.grad_accum,
+                         record_to=run.epochs if main else None)
     loader = accelerator.prepare(DataLoader(
         train_set, batch_sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
         **_worker_kwargs(cfg.num_workers, use_cpu)))
@@ -207,11 +210,7 @@ def fit(cfg: FitConfig) -> FitResult:
     progress = _progress(main and cfg.progress, total, state.step)
     pending: list[torch.Tensor] = []
     unlogged = None
-    recorded_epoch = None
     for views, t_cls, t_patch in loader:
-        if main and sampler.epoch_of(state.micro_batch) != recorded_epoch:
-            recorded_epoch = sampler.epoch_of(state.micro_batch)
-            sampler.record_epoch(recorded_epoch, run.epochs)  # the seeded draw, written down
         with accelerator.accumulate(student):
             if teacher is not None:
                 t_cls, t_patch = teacher.embed(views)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -107,12 +107,11 @@ class RunDir:
         self._write_metrics(rows)
 
     def _write_metrics(self, rows: list[dict]) -> None:
-        tmp = self.metrics.with_suffix(".tmp")
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.metrics)
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.metrics, buf.getvalue())
 
     def log(self, row: dict) -> None:
         new = not self.metrics.exists()

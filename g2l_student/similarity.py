@@ -16,6 +16,11 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
     """Linear CKA (Kornblith et al. 2019) between two embeddings of the same n samples."""
     a, b = _check_pair(a, b)
@@ -27,7 +32,7 @@ def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _cosine_neighbours(x: np.ndarray, k: int) -> np.ndarray:
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = l2_normalise(x)
     sim = x @ x.T
     np.fill_diagonal(sim, -np.inf)
     return np.argsort(-sim, axis=1, kind="stable")[:, :k]

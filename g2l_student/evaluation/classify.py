@@ -10,6 +10,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
 from g2l_cache.errors import G2LError
+from g2l_student.similarity import l2_normalise
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
@@ -47,15 +48,11 @@ def check_labels(labels: np.ndarray) -> None:
         raise G2LError(f"all tiles have the label {labels[0]!r}; classification needs at least 2 classes.")
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, classes: np.ndarray,
                 k: int = 20) -> np.ndarray:
     """Class probabilities = share of the k nearest (cosine) training tiles in each class."""
     k = min(k, len(train_x))
-    sim = _normalise(test_x) @ _normalise(train_x).T
+    sim = l2_normalise(test_x) @ l2_normalise(train_x).T
     nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     votes = train_y[nearest]
     return np.stack([(votes == c).mean(1) for c in classes], axis=1)

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from g2l_cache.errors import G2LError
+from g2l_student.similarity import l2_normalise
 
 RI_K_CANDIDATES = (1, 3, 5, 7, 10, 15, 20, 30, 50)
 
@@ -41,7 +42,7 @@ def so_os_counts(x: np.ndarray, labels: np.ndarray, centers: np.ndarray, groups:
                  k: int) -> tuple[int, int]:
     """Pooled (SO, OS) counts over each tile's k nearest other-group neighbours (cosine)."""
     g = _groups(groups, len(x))
-    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    xn = l2_normalise(x)
     sim = xn @ xn.T
     sim[g[:, None] == g[None, :]] = -np.inf  # self and same-group tiles are never neighbours
     nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]

@@ -122,16 +122,23 @@ def meta_flops(name: str, size: int, train: bool) -> float:
     return float(counter.get_total_flops())
 
 
-def timed(fn, iters: int, device: str, warmup: int = 3) -> float:
-    """Seconds per call of fn (after warm-up)."""
+def timed(fn, iters: int, device: str, warmup: int = 3, repeats: int = 3) -> float:
+    """Seconds per call of fn after warm-up: the best of `repeats` runs of `iters` calls.
+
+    The best run is the machine's limit without interference (timeit's rule), so ratios against
+    it are conservative.
+    """
     for _ in range(warmup):
         fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t) / iters
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - t) / iters)
+    return best
 
 
 def bare_teacher_rate(teacher, batch: int, size: int, device: str, iters: int) -> float:
@@ -141,11 +148,13 @@ def bare_teacher_rate(teacher, batch: int, size: int, device: str, iters: int) -
 
 
 def bare_train_step_rate(student, batch: int, size: int, device: str, iters: int) -> float:
-    """Steps/s of forward + backward + AdamW on random tensors in memory (bf16 autocast on GPU)."""
+    """Steps/s of forward + backward + clip + AdamW on random tensors in memory (bf16 autocast on GPU)."""
     from g2l_student.losses import logsum_loss
 
+    from g2l_student.optim import build_optimizer
+
     student = student.to(device).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05)
+    opt = build_optimizer(student, lr=1e-4, weight_decay=0.05)  # the fit's optimiser
     x = torch.rand(batch, 3, size, size, device=device)
     targets = {k: torch.randn(batch, h[0].out_features, device=device) for k, h in student.heads.items()}
 
@@ -162,13 +171,28 @@ def bare_train_step_rate(student, batch: int, size: int, device: str, iters: int
     return 1.0 / timed(step, iters, device)
 
 
-def steady_step_seconds(run: Path) -> float:
-    """Mean seconds per optimiser step from a run's metrics.csv, leaving out the first step."""
+def step_timing(run: Path, warmup: float = 0.25) -> dict:
+    """Seconds per optimiser step from a run's metrics.csv, and the loader's share of it.
+
+    `steady` leaves out the first `warmup` share of the steps (worker start-up, device warm-up;
+    the bare timings leave out warm-up calls too), `all_steps` only the first step; `step_ms` is
+    the timeline (milliseconds between consecutive steps) for finding where a run lost time.
+    """
     from g2l_student.rundir import RunDir
 
     rows = RunDir(run).read_metrics()
     t = [float(r["seconds"]) for r in rows]
-    return (t[-1] - t[0]) / (len(t) - 1)
+    skip = max(1, int(len(t) * warmup))
+    wait = [float(r["data_seconds"]) for r in rows[skip + 1:]]
+    steady = (t[-1] - t[skip]) / (len(t) - 1 - skip)
+    return {"steady": steady, "all_steps": (t[-1] - t[0]) / (len(t) - 1),
+            "data_wait_share": sum(wait) / len(wait) / steady,
+            "step_ms": [round(1e3 * (b - a), 1) for a, b in zip(t, t[1:])]}
+
+
+def steady_step_seconds(run: Path) -> float:
+    """Seconds per optimiser step once warmed up (see step_timing)."""
+    return step_timing(run)["steady"]
 
 
 def save(name: str, data: dict, out: str | Path = RESULTS) -> Path:
@@ -180,7 +204,7 @@ def save(name: str, data: dict, out: str | Path = RESULTS) -> Path:
     width = max(len(k) for k in data)
     print(f"\n== {name} ==")
     for k, v in data.items():
-        shown = f"{v:.4g}" if isinstance(v, float) else v
+        shown = f"{v:.4g}" if isinstance(v, float) else f"{len(v)} values (in the JSON)" if isinstance(v, list) else v
         print(f"  {k:<{width}}  {shown}")
     print(f"  -> {path}")
     return path

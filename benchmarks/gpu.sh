@@ -18,6 +18,6 @@ cd "$(dirname "$0")"
 COMMON=(--device cuda --tile-size 256 --crop-size 224 --workers "$WORKERS" --cache "$CACHE" --out "$OUT")
 echo "== device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader) workers=$WORKERS"
 $PY cache_build.py --teacher h-optimus-0 --batch-size 64 "${COMMON[@]}"
-$PY student_fit.py --teacher h-optimus-0 --student vit_large_patch14_reg4_dinov2 --batch-size 32 --steps 60 "${COMMON[@]}"
-$PY cached_vs_online.py --teacher h-optimus-0 --student vit_large_patch14_reg4_dinov2 --batch-size 32 "${COMMON[@]}"
+$PY student_fit.py --teacher h-optimus-0 --student vit_large_patch14_reg4_dinov2 --batch-size 32 --steps 120 "${COMMON[@]}"
+$PY cached_vs_online.py --teacher h-optimus-0 --student vit_large_patch14_reg4_dinov2 --batch-size 32 --steps 40 "${COMMON[@]}"
 $PY teacher_flops.py --teacher h-optimus-0 --results "$OUT" --peak-tflops 989

@@ -28,6 +28,7 @@ from g2l_cache.store import BackgroundWriter, ShardWriter, encode_target, slide_
 from g2l_cache.teachers import TeacherSpec, load_teacher
 from g2l_cache.tile_codec import TILE_FORMATS
 from g2l_cache.tiling import TilingConfig
+from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.views import ViewPolicy
 from g2l_cache.work import ChunkDataset, PlanDataset, view_id
 
@@ -109,7 +110,8 @@ class BuildSummary:
     targets_written: int
     seconds: float
     shards: list[int]
-    steady_views_per_second: float = 0.0  # this rank, after the first batch: no start-up costs
+    steady_views_per_second: float = 0.0  # this rank, after warm-up (BatchClock.steady_rate)
+    loader_wait_seconds: float = 0.0  # this rank: time the teacher loop waited for its loader
 
     @property
     def views_per_second(self) -> float:
@@ -195,11 +197,11 @@ def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
     progress = BuildProgress(enabled=cfg.progress and dist.is_main, console=console,
                              n_slides=len(my_specs), views_per_tile=cfg.views)
     failed: dict[str, str] = {}
-    written, timing = 0, {}
+    written, clock = 0, BatchClock()
     try:
         with progress:
             records = _plan_slides(cfg, layout, my_specs, writers, n_shards, progress, failed)
-            written = _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, timing)
+            written = _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, clock)
     finally:
         for w in writers.values():
             w.close()
@@ -210,12 +212,9 @@ def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
     manifest = read_manifest(layout.root)
     counts = manifest["counts"]
     all_failed = {s["slide_id"]: s["error"] for s in _failed_slides(layout)}
-    steady = 0.0
-    if timing.get("first") is not None and timing["end"] > timing["first"]:
-        steady = (local_written - timing["first_views"]) / (timing["end"] - timing["first"])
     return BuildSummary(str(layout.root), fp, counts["slides_ok"], counts["slides_failed"],
                         all_failed, counts["tiles"], counts["views"], written,
-                        time.time() - started, my_shards, steady)
+                        time.time() - started, my_shards, clock.steady_rate(), clock.waited)
 
 
 def _failed_slides(layout: CacheLayout) -> list[dict]:
@@ -276,10 +275,10 @@ def _read_record(writer: ShardWriter, slide_id: str) -> dict | None:
     return None if value is None else json.loads(value)
 
 
-def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, timing: dict) -> int:
+def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, clock: BatchClock) -> int:
     """Phase 2: run the teacher on every view that has no target yet; return targets written.
 
-    `timing` gets when the first batch arrived and when the last commit ended (steady state)."""
+    `clock` gets each batch's arrival and loader wait, and when the last commit ended."""
     chunks, total = [], 0
     for rec in records:
         writer = writers[rec["shard"]]
@@ -323,9 +322,8 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, t
 
     in_flight = None
     try:
-        for item in _loader(dataset, cfg, pin=teacher.mean.device.type == "cuda"):
-            if timing.get("first") is None:
-                timing["first"], timing["first_views"] = time.time(), len(item.get("view_ids", []))
+        for waited, item in timed_iter(_loader(dataset, cfg, pin=teacher.mean.device.type == "cuda")):
+            clock.arrived(len(item.get("view_ids", [])), waited)
             slide_id = item["slide_id"]
             if slide_id in failed:
                 continue
@@ -344,7 +342,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, t
             written += commit(in_flight)
     finally:
         bg.close()
-        timing["end"] = time.time()
+        clock.finished()
     return written
 
 

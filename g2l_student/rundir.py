@@ -13,7 +13,8 @@ from g2l_cache.errors import G2LError
 from g2l_cache.layout import now_iso, write_text_atomic
 
 RUN_FORMAT = "g2l-run"
-METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds"]
+# seconds: since the loop started; data_seconds: time this step waited for the data loader.
+METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "data_seconds"]
 
 
 def cache_fingerprint(manifest: dict, teacher_fp: str) -> str:

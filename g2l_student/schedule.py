@@ -53,9 +53,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].mul_(self.decay).add_(v.detach().float(), alpha=1 - self.decay)
+        """shadow <- decay * shadow + (1 - decay) * weights, for every float tensor at once."""
+        current = model.state_dict()
+        # One multi-tensor kernel instead of two launches per tensor (hundreds on a ViT-L).
+        torch._foreach_lerp_(list(self.shadow.values()),
+                             [current[k].detach().float() for k in self.shadow], 1 - self.decay)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}

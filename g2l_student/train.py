@@ -18,12 +18,14 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from g2l_cache import CacheReader, G2LError
 from g2l_cache.layout import write_text_atomic
+from g2l_cache.timing import timed_iter
 from g2l_cache.teachers import TeacherSpec, load_teacher
 from g2l_student.config import FitConfig
 from g2l_student.data import CachedViews, epoch_rows, samples_per_epoch, select_views, split_by_slide
 from g2l_student.fidelity import measure_fidelity
 from g2l_student.losses import get_loss
 from g2l_student.model import build_student
+from g2l_student.optim import build_optimizer
 from g2l_student.rundir import RunDir, cache_fingerprint
 from g2l_student.schedule import EMA, G2LEarlyStop, TrainState, cosine_with_warmup
 
@@ -173,10 +175,7 @@ def fit(cfg: FitConfig) -> FitResult:
                        f"of {cfg.batch_size * cfg.grad_accum}; lower --batch-size or --grad-accum.")
     total = cfg.steps or (cfg.epochs or 1) * (batches_per_epoch // cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
-    decay = [p for n, p in student.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay, accelerator.device)
     scheduler = cosine_with_warmup(optimizer, warmup, total)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     state, early_stop = TrainState(), G2LEarlyStop(cfg.early_stop_window, cfg.early_stop_patience)
@@ -209,8 +208,9 @@ def fit(cfg: FitConfig) -> FitResult:
     started, stopped, last_loss = time.time(), "steps", None
     progress = _progress(main and cfg.progress, total, state.step)
     pending: list[torch.Tensor] = []
-    unlogged = None
-    for views, t_cls, t_patch in loader:
+    unlogged, data_wait = None, 0.0
+    for waited, (views, t_cls, t_patch) in timed_iter(loader):
+        data_wait += waited
         with accelerator.accumulate(student):
             if teacher is not None:
                 t_cls, t_patch = teacher.embed(views)
@@ -236,8 +236,8 @@ def fit(cfg: FitConfig) -> FitResult:
         step = {"step": state.step, "epoch": sampler.epoch_of(state.micro_batch - 1),
                 "loss": accelerator.reduce(torch.stack(pending).mean(), "mean"),
                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "seconds": time.time() - started}
-        pending = []
+                "seconds": time.time() - started, "data_seconds": data_wait}
+        pending, data_wait = [], 0.0
         if ema is not None:
             ema.update(accelerator.unwrap_model(student))
         # Reading the loss waits for the GPU. Without early stopping, step N is read after step
@@ -285,7 +285,7 @@ def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:
         run.log({"step": step["step"], "epoch": step["epoch"], "loss": f"{loss:.7g}",
                  "lr": f"{step['lr']:.6g}",
                  "grad_norm": "" if grad_norm is None else f"{float(grad_norm):.5g}",
-                 "seconds": f"{step['seconds']:.2f}"})
+                 "seconds": f"{step['seconds']:.3f}", "data_seconds": f"{step['data_seconds']:.4f}"})
         progress.update(step["step"], loss)
     return loss
 

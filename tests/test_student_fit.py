@@ -64,7 +64,9 @@ def test_fit_writes_a_complete_run_and_learns(trained):
     assert result.steps == 40 and result.stopped == "steps"
     for path in (run.config, run.run_json, run.metrics, run.loss_png, run.fidelity):
         assert path.exists(), path
-    assert [int(r["step"]) for r in run.read_metrics()] == list(range(1, 41))
+    rows = run.read_metrics()
+    assert [int(r["step"]) for r in rows] == list(range(1, 41))
+    assert all(float(r["data_seconds"]) >= 0 for r in rows)  # loader wait of each step
     assert [p.name for p in run.list_checkpoints()] == ["step_00000035", "step_00000040"]
     assert (run.checkpoints / "step_00000040" / "model.safetensors").exists()
     assert RunDir(out).read_config()["steps"] == 40

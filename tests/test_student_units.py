@@ -11,7 +11,8 @@ from g2l_cache import G2LError
 from g2l_student.data import epoch_rows, split_by_slide
 from g2l_student.losses import get_loss, logsum_loss
 from g2l_student.model import GlobalBatchNorm1d
-from g2l_student.schedule import G2LEarlyStop, cosine_with_warmup
+from g2l_student.optim import build_optimizer
+from g2l_student.schedule import EMA, G2LEarlyStop, cosine_with_warmup
 from g2l_student.similarity import knn_overlap, linear_cka, mean_cosine
 
 S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
@@ -95,6 +96,43 @@ def test_g2l_early_stop_rule():
     reset = G2LEarlyStop(window=3, patience=1)
     for v in [3, 3, 3, 4, 1, 4]:  # an improvement in between resets the count
         assert not reset.update(v)
+
+
+def test_ema_is_the_decayed_average_of_the_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.9)
+    start = {k: v.clone() for k, v in ema.shadow.items()}
+    assert "1.num_batches_tracked" not in ema.shadow  # integer buffers are not averaged
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["0.weight"], 0.9 * start["0.weight"] + 0.1 * model[0].weight)
+    torch.testing.assert_close(ema.shadow["0.bias"], start["0.bias"])
+    again = EMA(torch.nn.Linear(1, 1), decay=0.5)
+    again.load_state_dict(ema.state_dict())
+    assert again.decay == 0.9 and torch.equal(again.shadow["0.weight"], ema.shadow["0.weight"])
+
+
+def test_optimizer_decays_matrices_only_and_matches_the_reference_adamw():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    reference.load_state_dict(model.state_dict())
+    ours = build_optimizer(model, lr=0.1, weight_decay=0.5)
+    assert ours.defaults["fused"] is True  # fused kernel on CPU
+    decayed = {id(p) for g in ours.param_groups if g["weight_decay"] for p in g["params"]}
+    assert decayed == {id(model[0].weight)}
+    ref = torch.optim.AdamW([{"params": [reference[0].weight], "weight_decay": 0.5},
+                             {"params": [reference[0].bias, *reference[1].parameters()], "weight_decay": 0.0}],
+                            lr=0.1, foreach=False)
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for net, opt in ((model, ours), (reference, ref)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_global_batchnorm_matches_batchnorm():

@@ -90,6 +90,9 @@ def fit(
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"run {result.run}: {result.steps} steps ({result.stopped}), final loss "
                       f"{result.final_loss if result.final_loss is None else round(result.final_loss, 4)}")
+        console.print(f"speed: {result.steps_per_second:.2f} steps/s; waiting for data "
+                      f"{100 * result.data_wait_share:.1f}% of the loop"
+                      + (" — raise --num-workers" if result.data_wait_share > 0.1 else ""))
         _print_fidelity(result.fidelity)
         console.print(f"exported student: {result.export}")
 

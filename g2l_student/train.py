@@ -40,6 +40,9 @@ class FitResult:
     final_loss: float | None
     fidelity: dict
     export: str | None
+    # This session's loop from the first batch on (worker start-up left out):
+    steps_per_second: float = 0.0
+    data_wait_share: float = 0.0  # share of that time spent waiting for the data loader
 
 
 class RunSampler(Sampler):
@@ -208,9 +211,14 @@ def fit(cfg: FitConfig) -> FitResult:
     started, stopped, last_loss = time.time(), "steps", None
     progress = _progress(main and cfg.progress, total, state.step)
     pending: list[torch.Tensor] = []
-    unlogged, data_wait = None, 0.0
+    unlogged, data_wait, total_wait, loop_started = None, 0.0, 0.0, None
+    first_step = state.step
     for waited, (views, t_cls, t_patch) in timed_iter(loader):
         data_wait += waited
+        if loop_started is None:
+            loop_started = time.perf_counter()
+        else:
+            total_wait += waited
         with accelerator.accumulate(student):
             if teacher is not None:
                 t_cls, t_patch = teacher.embed(views)
@@ -257,6 +265,7 @@ def fit(cfg: FitConfig) -> FitResult:
     if unlogged is not None:
         last_loss = _log_step(run, progress, unlogged, main)
     progress.close()
+    loop_seconds = time.perf_counter() - loop_started if loop_started is not None else 0.0
 
     # --- export and report --------------------------------------------------------------------
     result_fidelity, export_dir = {}, None
@@ -274,7 +283,8 @@ def fit(cfg: FitConfig) -> FitResult:
         run.plot_loss()
         run.update_info(status="finished", steps=state.step, stopped=stopped)
     accelerator.wait_for_everyone()
-    return FitResult(str(run.root), state.step, stopped, last_loss, result_fidelity, export_dir)
+    speed = ((state.step - first_step) / loop_seconds, total_wait / loop_seconds) if loop_seconds else (0.0, 0.0)
+    return FitResult(str(run.root), state.step, stopped, last_loss, result_fidelity, export_dir, *speed)
 
 
 def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:

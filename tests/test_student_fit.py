@@ -62,6 +62,7 @@ def test_fit_writes_a_complete_run_and_learns(trained):
     out, result = trained
     run = RunDir(out)
     assert result.steps == 40 and result.stopped == "steps"
+    assert result.steps_per_second > 0 and 0 <= result.data_wait_share < 1
     for path in (run.config, run.run_json, run.metrics, run.loss_png, run.fidelity):
         assert path.exists(), path
     rows = run.read_metrics()
@@ -148,6 +149,7 @@ def test_kill_9_then_resume_gives_the_same_losses(built_cache, tmp_path):
     reference = tmp_path / "reference"
     res = run_cli(*_cli_args(built_cache, reference, cfg), env=env, timeout=600)
     assert res.returncode == 0, res.stderr
+    assert "steps/s; waiting for data" in res.stdout
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen([sys.executable, "-m", "cli", *_cli_args(built_cache, crashed, cfg)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -90,6 +90,10 @@ def _print_summary(summary) -> None:
     table.add_row("tiles / views", f"{summary.tiles} / {summary.views}")
     table.add_row("targets written now", f"{summary.targets_written} "
                   f"({summary.views_per_second:.1f} views/s, {summary.seconds:.1f} s)")
+    if summary.targets_written:
+        share = summary.loader_wait_share
+        table.add_row("teacher waiting for data", f"{100 * share:.1f}% of its loop"
+                      + (" (raise --num-workers)" if share > 0.1 else ""))
     table.add_row("QC images", str(Path(summary.cache) / "qc"))
     console.print(table)
     if summary.failed:

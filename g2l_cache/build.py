@@ -112,6 +112,7 @@ class BuildSummary:
     shards: list[int]
     steady_views_per_second: float = 0.0  # this rank, after warm-up (BatchClock.steady_rate)
     loader_wait_seconds: float = 0.0  # this rank: time the teacher loop waited for its loader
+    loader_wait_share: float = 0.0  # of the teacher loop after its first batch (start-up left out)
 
     @property
     def views_per_second(self) -> float:
@@ -208,13 +209,14 @@ def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
     dist.barrier()
     if dist.is_main:
         finalise_cache(layout, specs, teacher.info(), dist.world_size)
-    local_written, written = written, dist.all_sum(written)
+    written = dist.all_sum(written)
     manifest = read_manifest(layout.root)
     counts = manifest["counts"]
     all_failed = {s["slide_id"]: s["error"] for s in _failed_slides(layout)}
     return BuildSummary(str(layout.root), fp, counts["slides_ok"], counts["slides_failed"],
                         all_failed, counts["tiles"], counts["views"], written,
-                        time.time() - started, my_shards, clock.steady_rate(), clock.waited)
+                        time.time() - started, my_shards, clock.steady_rate(), clock.waited,
+                        clock.wait_share())
 
 
 def _failed_slides(layout: CacheLayout) -> list[dict]:

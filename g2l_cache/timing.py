@@ -19,21 +19,37 @@ def timed_iter(iterable: Iterable) -> Iterator[tuple[float, object]]:
 
 
 class BatchClock:
-    """When each batch of a loop arrived and how big it was, for its rate once warmed up."""
+    """When each batch of a loop arrived, how big it was and how long it waited for its loader."""
 
     def __init__(self):
         self.arrivals: list[float] = []
         self.sizes: list[int] = []
-        self.waited = 0.0
+        self.waits: list[float] = []
         self.end: float | None = None
 
     def arrived(self, size: int, waited: float) -> None:
         self.arrivals.append(time.perf_counter())
         self.sizes.append(size)
-        self.waited += waited
+        self.waits.append(waited)
 
     def finished(self) -> None:
         self.end = time.perf_counter()
+
+    @property
+    def waited(self) -> float:
+        """Seconds the loop waited for its loader in all, the first batch (start-up) included."""
+        return sum(self.waits)
+
+    def seconds(self) -> float:
+        """From the first batch's arrival to the end: the loop without its start-up."""
+        if self.end is None or not self.arrivals:
+            return 0.0
+        return self.end - self.arrivals[0]
+
+    def wait_share(self) -> float:
+        """Share of seconds() spent waiting for the loader (the start-up wait left out)."""
+        seconds = self.seconds()
+        return sum(self.waits[1:]) / seconds if seconds > 0 else 0.0
 
     def steady_rate(self, warmup: float = 0.25) -> float:
         """Items/s from the arrival of the first batch after the warm-up share to the end.

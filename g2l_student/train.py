@@ -18,8 +18,8 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from g2l_cache import CacheReader, G2LError
 from g2l_cache.layout import write_text_atomic
-from g2l_cache.timing import timed_iter
 from g2l_cache.teachers import TeacherSpec, load_teacher
+from g2l_cache.timing import BatchClock, timed_iter
 from g2l_student.config import FitConfig
 from g2l_student.data import CachedViews, epoch_rows, samples_per_epoch, select_views, split_by_slide
 from g2l_student.fidelity import measure_fidelity
@@ -211,14 +211,10 @@ def fit(cfg: FitConfig) -> FitResult:
     started, stopped, last_loss = time.time(), "steps", None
     progress = _progress(main and cfg.progress, total, state.step)
     pending: list[torch.Tensor] = []
-    unlogged, data_wait, total_wait, loop_started = None, 0.0, 0.0, None
-    first_step = state.step
+    unlogged, data_wait, clock, first_step = None, 0.0, BatchClock(), state.step
     for waited, (views, t_cls, t_patch) in timed_iter(loader):
+        clock.arrived(len(views), waited)
         data_wait += waited
-        if loop_started is None:
-            loop_started = time.perf_counter()
-        else:
-            total_wait += waited
         with accelerator.accumulate(student):
             if teacher is not None:
                 t_cls, t_patch = teacher.embed(views)
@@ -265,7 +261,7 @@ def fit(cfg: FitConfig) -> FitResult:
     if unlogged is not None:
         last_loss = _log_step(run, progress, unlogged, main)
     progress.close()
-    loop_seconds = time.perf_counter() - loop_started if loop_started is not None else 0.0
+    clock.finished()
 
     # --- export and report --------------------------------------------------------------------
     result_fidelity, export_dir = {}, None
@@ -283,8 +279,9 @@ def fit(cfg: FitConfig) -> FitResult:
         run.plot_loss()
         run.update_info(status="finished", steps=state.step, stopped=stopped)
     accelerator.wait_for_everyone()
-    speed = ((state.step - first_step) / loop_seconds, total_wait / loop_seconds) if loop_seconds else (0.0, 0.0)
-    return FitResult(str(run.root), state.step, stopped, last_loss, result_fidelity, export_dir, *speed)
+    steps_per_second = (state.step - first_step) / clock.seconds() if clock.seconds() else 0.0
+    return FitResult(str(run.root), state.step, stopped, last_loss, result_fidelity, export_dir,
+                     steps_per_second, clock.wait_share())
 
 
 def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:

@@ -52,6 +52,7 @@ def test_each_bad_slide_is_recorded_with_its_reason(bad_slides, tmp_path):
     assert "cannot read" in errors["not-a-slide"] or "not" in errors["not-a-slide"]
     assert errors["truncated"]
     assert "failed slides" in result.output and "no-mpp" in result.output
+    assert "teacher waiting for data" in result.output
     # --strict turns any failed slide into a non-zero exit (and resumes the same cache)
     strict = runner.invoke(app, ["cache", "build", str(bad_slides), "--out", str(out), *ARGS, "--strict"])
     assert strict.exit_code == 1

@@ -38,6 +38,7 @@ def test_steady_rate_leaves_out_the_warm_up_batches(monkeypatch):
     assert batches.steady_rate() == 30 / 3  # from batch 1 (first quarter skipped) to the end
     assert batches.steady_rate(warmup=0.5) == 20 / 2
     assert abs(batches.waited - 5.1) < 1e-12
+    assert batches.seconds() == 8.0 and abs(batches.wait_share() - 0.1 / 8) < 1e-12  # start-up wait left out
     short = BatchClock()
     short.arrived(10, 0.0)
     short.finished()

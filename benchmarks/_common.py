@@ -150,7 +150,6 @@ def bare_teacher_rate(teacher, batch: int, size: int, device: str, iters: int) -
 def bare_train_step_rate(student, batch: int, size: int, device: str, iters: int) -> float:
     """Steps/s of forward + backward + clip + AdamW on random tensors in memory (bf16 autocast on GPU)."""
     from g2l_student.losses import logsum_loss
-
     from g2l_student.optim import build_optimizer
 
     student = student.to(device).train()
@@ -171,18 +170,19 @@ def bare_train_step_rate(student, batch: int, size: int, device: str, iters: int
     return 1.0 / timed(step, iters, device)
 
 
-def step_timing(run: Path, warmup: float = 0.25) -> dict:
+def step_timing(run: Path) -> dict:
     """Seconds per optimiser step from a run's metrics.csv, and the loader's share of it.
 
-    `steady` leaves out the first `warmup` share of the steps (worker start-up, device warm-up;
-    the bare timings leave out warm-up calls too), `all_steps` only the first step; `step_ms` is
+    `steady` leaves out the warm-up steps by the build's rule (`warmup_count`: worker start-up,
+    device warm-up; the bare timings leave out warm-up calls too), `all_steps` only the first step; `step_ms` is
     the timeline (milliseconds between consecutive steps) for finding where a run lost time.
     """
+    from g2l_cache.timing import warmup_count
     from g2l_student.rundir import RunDir
 
     rows = RunDir(run).read_metrics()
     t = [float(r["seconds"]) for r in rows]
-    skip = max(1, int(len(t) * warmup))
+    skip = warmup_count(len(t))
     wait = [float(r["data_seconds"]) for r in rows[skip + 1:]]
     steady = (t[-1] - t[skip]) / (len(t) - 1 - skip)
     return {"steady": steady, "all_steps": (t[-1] - t[0]) / (len(t) - 1),

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, handle_errors, load_toml, merge_options
+from cli.common import console, data_wait_text, handle_errors, load_toml, merge_options
 
 app = typer.Typer(help="Stage one: run the teacher once over tiled slides and cache its targets.",
                   no_args_is_help=True)
@@ -91,9 +91,7 @@ def _print_summary(summary) -> None:
     table.add_row("targets written now", f"{summary.targets_written} "
                   f"({summary.views_per_second:.1f} views/s, {summary.seconds:.1f} s)")
     if summary.targets_written:
-        share = summary.loader_wait_share
-        table.add_row("teacher waiting for data", f"{100 * share:.1f}% of its loop"
-                      + (" (raise --num-workers)" if share > 0.1 else ""))
+        table.add_row("teacher waiting for data", data_wait_text(summary.loader_wait_share))
     table.add_row("QC images", str(Path(summary.cache) / "qc"))
     console.print(table)
     if summary.failed:

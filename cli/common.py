@@ -56,3 +56,8 @@ def handle_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def data_wait_text(share: float) -> str:
+    """A loop's share of time spent waiting for data, with the remedy when it is large."""
+    return f"{100 * share:.1f}% of the loop" + (" — raise --num-workers" if share > 0.1 else "")

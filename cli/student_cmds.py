@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import console, handle_errors, load_toml, merge_options
+from cli.common import console, data_wait_text, handle_errors, load_toml, merge_options
 
 app = typer.Typer(help="Stage two: train the student against a cache, export it, report fidelity.",
                   no_args_is_help=True)
@@ -91,8 +91,7 @@ def fit(
         console.print(f"run {result.run}: {result.steps} steps ({result.stopped}), final loss "
                       f"{result.final_loss if result.final_loss is None else round(result.final_loss, 4)}")
         console.print(f"speed: {result.steps_per_second:.2f} steps/s; waiting for data "
-                      f"{100 * result.data_wait_share:.1f}% of the loop"
-                      + (" — raise --num-workers" if result.data_wait_share > 0.1 else ""))
+                      f"{data_wait_text(result.data_wait_share)}")
         _print_fidelity(result.fidelity)
         console.print(f"exported student: {result.export}")
 

@@ -18,6 +18,14 @@ def timed_iter(iterable: Iterable) -> Iterator[tuple[float, object]]:
         yield time.perf_counter() - t, item
 
 
+WARMUP_SHARE = 0.25
+
+
+def warmup_count(n: int, warmup: float = WARMUP_SHARE) -> int:
+    """How many of n batches (or steps) count as warm-up: the first `warmup` share, at least one."""
+    return max(1, int(n * warmup))
+
+
 class BatchClock:
     """When each batch of a loop arrived, how big it was and how long it waited for its loader."""
 
@@ -51,13 +59,13 @@ class BatchClock:
         seconds = self.seconds()
         return sum(self.waits[1:]) / seconds if seconds > 0 else 0.0
 
-    def steady_rate(self, warmup: float = 0.25) -> float:
+    def steady_rate(self, warmup: float = WARMUP_SHARE) -> float:
         """Items/s from the arrival of the first batch after the warm-up share to the end.
 
         Start-up (worker processes, device warm-up) is a one-off that a long run never sees; at
         least the first batch is always left out. 0.0 when there is too little to measure.
         """
-        skip = max(1, int(len(self.arrivals) * warmup))
+        skip = warmup_count(len(self.arrivals), warmup)
         if self.end is None or len(self.arrivals) <= skip or self.end <= self.arrivals[skip]:
             return 0.0
         return sum(self.sizes[skip:]) / (self.end - self.arrivals[skip])

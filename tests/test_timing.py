@@ -3,7 +3,7 @@
 import types
 
 import g2l_cache.timing as timing
-from g2l_cache.timing import BatchClock, timed_iter
+from g2l_cache.timing import BatchClock, timed_iter, warmup_count
 
 
 def fake_clock(monkeypatch) -> types.SimpleNamespace:
@@ -39,6 +39,7 @@ def test_steady_rate_leaves_out_the_warm_up_batches(monkeypatch):
     assert batches.steady_rate(warmup=0.5) == 20 / 2
     assert abs(batches.waited - 5.1) < 1e-12
     assert batches.seconds() == 8.0 and abs(batches.wait_share() - 0.1 / 8) < 1e-12  # start-up wait left out
+    assert [warmup_count(n) for n in (1, 4, 40, 59)] == [1, 1, 10, 14]  # the rule the benchmarks share
     short = BatchClock()
     short.arrived(10, 0.0)
     short.finished()

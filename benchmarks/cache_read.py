@@ -17,21 +17,19 @@ def main() -> None:
     p.add_argument("--reads", type=int, default=3000)
     args = p.parse_args()
     from g2l_cache import CacheReader
-    from g2l_student.data import CachedViews, select_views
+    from g2l_student.data import CachedViews
 
     cache = bench_cache(args)
     reader = CacheReader(str(cache))
     fp = reader.teacher(args.teacher)["fingerprint"]
-    views = select_views(reader)
-    rows = views.select("view_id", "tile_id", "shard").rows()
-    order = [random.Random(0).randrange(len(rows)) for _ in range(args.reads)]
+    rng = random.Random(0)
+    order = [rng.randrange(reader.n_views) for _ in range(args.reads)]
     t = time.perf_counter()
     for i in order:
-        view_id, tile_id, shard = rows[i]
-        reader.tile_bytes(tile_id, shard)
-        reader.target(fp, view_id, shard)
+        reader.tile_bytes(int(reader.view_index[i]["tile"]))
+        reader.target(fp, i)
     raw_rate = args.reads / (time.perf_counter() - t)
-    items = CachedViews(reader, views, fp)
+    items = CachedViews(reader, fp)
     n_items = min(args.reads, 1000)
     t = time.perf_counter()
     for i in order[:n_items]:

@@ -12,7 +12,6 @@ The build runs in three phases on each rank:
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,16 @@ from g2l_cache.distributed import DistContext
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CACHE_FORMAT, SCHEMA_VERSION, CacheLayout, now_iso, read_manifest, write_manifest
 from g2l_cache.slides import SlideSpec, discover_slides, worker_count_hint
-from g2l_cache.store import BackgroundWriter, ShardWriter, encode_target, slide_key, target_key, tile_key
-from g2l_cache.teachers import TeacherSpec, load_teacher
+from g2l_cache.store import BackgroundWriter, ShardWriter, encode_targets
+from g2l_cache.teachers import Teacher, TeacherSpec, load_teacher
 from g2l_cache.tile_codec import TILE_FORMATS
 from g2l_cache.tiling import TilingConfig
 from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.views import ViewPolicy
-from g2l_cache.work import ChunkDataset, PlanDataset, view_id
+from g2l_cache.work import ChunkDataset, PlanDataset
+from g2l_cache.workers import loader_worker_init
+
+DEFAULT_SHARDS = 64  # fixed at creation; ranks take shards round-robin, so up to 64 ranks all work
 
 
 @dataclass
@@ -55,7 +57,7 @@ class BuildConfig:
     num_workers: int = field(default_factory=worker_count_hint)
     tile_format: str = "jpeg"
     jpeg_quality: int = 95
-    shards: int | None = None
+    shards: int = DEFAULT_SHARDS
     recursive: bool = False
     strict: bool = False
     cpu: bool = False
@@ -72,7 +74,7 @@ class BuildConfig:
             raise G2LError(f"--tile-format must be one of {', '.join(TILE_FORMATS)}.")
         if not 1 <= self.jpeg_quality <= 100:
             raise G2LError("--jpeg-quality must be in 1..100.")
-        if self.shards is not None and self.shards < 1:
+        if self.shards < 1:
             raise G2LError("--shards must be at least 1.")
 
     def tiling(self) -> TilingConfig:
@@ -142,7 +144,7 @@ def _prepare_cache(cfg: BuildConfig, world_size: int) -> dict:
     layout.root.mkdir(parents=True, exist_ok=True)
     manifest = {"format": CACHE_FORMAT, "schema_version": SCHEMA_VERSION, "created": now_iso(),
                 "status": "building", "settings": cfg.settings(),
-                "n_shards": cfg.shards or world_size, "teachers": {}, "slide_inputs": [],
+                "n_shards": cfg.shards, "teachers": {}, "slide_inputs": [],
                 "counts": {}, "shards": []}
     write_manifest(layout.root, manifest)
     return manifest
@@ -168,8 +170,28 @@ def _slide_specs(cfg: BuildConfig, manifest: dict) -> list[SlideSpec]:
     raise G2LError("no SLIDES given and the cache has none yet; pass slide files, folders or a CSV.")
 
 
-def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
-    """Build or resume a cache as described by cfg; under torchrun each rank builds its shards."""
+class _Writers(dict):
+    """This rank's shard writers, opened when first needed (a shard no slide maps to stays absent)."""
+
+    def __init__(self, layout: CacheLayout):
+        super().__init__()
+        self.layout = layout
+
+    def __missing__(self, shard: int) -> ShardWriter:
+        self[shard] = ShardWriter(self.layout.shard(shard))
+        return self[shard]
+
+    def close(self) -> None:
+        for writer in self.values():
+            writer.close()
+        self.clear()
+
+
+def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) -> BuildSummary:
+    """Build or resume a cache as described by cfg; under torchrun each rank builds its shards.
+
+    `teacher`: a ready Teacher to use instead of building cfg.teacher (its fingerprint keys the targets).
+    """
     from g2l_cache.finalise import finalise_cache
     from g2l_cache.progress import BuildProgress
 
@@ -189,12 +211,13 @@ def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
     specs = _slide_specs(cfg, manifest)
     n_shards = manifest["n_shards"]
     my_shards = [s for s in range(n_shards) if s % dist.world_size == dist.rank]
-    teacher = load_teacher(cfg.teacher_spec(), img_size=cfg.crop_size, device=dist.device)
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher_spec(), img_size=cfg.crop_size, device=dist.device)
     fp = teacher.fingerprint()
 
-    writers = {s: ShardWriter(layout.shard(s)) for s in my_shards}
-    by_shard = {s: [sp for sp in specs if shard_of(sp.slide_id, n_shards) == s] for s in my_shards}
-    my_specs = [sp for s in my_shards for sp in by_shard[s]]
+    writers = _Writers(layout)
+    mine = set(my_shards)
+    my_specs = [sp for sp in specs if shard_of(sp.slide_id, n_shards) in mine]
     progress = BuildProgress(enabled=cfg.progress and dist.is_main, console=console,
                              n_slides=len(my_specs), views_per_tile=cfg.views)
     failed: dict[str, str] = {}
@@ -204,12 +227,11 @@ def run_build(cfg: BuildConfig, console=None) -> BuildSummary:
             records = _plan_slides(cfg, layout, my_specs, writers, n_shards, progress, failed)
             written = _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, clock)
     finally:
-        for w in writers.values():
-            w.close()
+        writers.close()
     dist.barrier()
     if dist.is_main:
         finalise_cache(layout, specs, teacher.info(), dist.world_size)
-    written = dist.all_sum(written)
+    written = dist.all_sum(written)  # a collective: rank 0 reaches it once the manifest is written
     manifest = read_manifest(layout.root)
     counts = manifest["counts"]
     all_failed = {s["slide_id"]: s["error"] for s in _failed_slides(layout)}
@@ -235,7 +257,7 @@ def _loader(dataset, cfg: BuildConfig, pin: bool):
     kwargs = {}
     if cfg.num_workers > 0:
         kwargs = {"multiprocessing_context": "forkserver", "prefetch_factor": 4,
-                  "worker_init_fn": _worker_init}
+                  "worker_init_fn": loader_worker_init()}
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                       pin_memory=pin, collate_fn=_identity, **kwargs)
 
@@ -244,26 +266,23 @@ def _identity(x):
     return x
 
 
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)
-
-
 def _plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list[dict]:
     """Phase 1: plan every slide not planned yet; return the ok slide records in a fixed order."""
     records: dict[str, dict] = {}
     todo = []
     for spec in specs:
-        rec = _read_record(writers[shard_of(spec.slide_id, n_shards)], spec.slide_id)
+        rec = writers[shard_of(spec.slide_id, n_shards)].record(spec.slide_id)
         if rec is not None and rec["status"] == "ok" and rec["path"] == spec.path:
             records[spec.slide_id] = rec
         else:
             todo.append(spec)
     if todo:
-        dataset = PlanDataset(todo, cfg.tiling(), cfg.seed, str(layout.root))
+        dataset = PlanDataset(todo, cfg.tiling(), cfg.seed, str(layout.root), cfg.policy(), cfg.views)
         for rec in _loader(dataset, cfg, pin=False):
             shard = shard_of(rec["slide_id"], n_shards)
             rec["shard"] = shard
-            writers[shard].commit([(slide_key(rec["slide_id"]), json.dumps(rec).encode())])
+            tables = rec.pop("tables")
+            rec = writers[shard].plan_slide(rec, *(tables or (None, None)))
             if rec["status"] == "ok":
                 records[rec["slide_id"]] = rec
             else:
@@ -272,67 +291,65 @@ def _plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> lis
     return [records[s.slide_id] for s in specs if s.slide_id in records]
 
 
-def _read_record(writer: ShardWriter, slide_id: str) -> dict | None:
-    value = writer.get(slide_key(slide_id))
-    return None if value is None else json.loads(value)
+def _missing_chunks(rec: dict, done: np.ndarray, batch_size: int) -> list[tuple]:
+    """Chunks of at most batch_size views of one slide that have no target yet."""
+    missing = np.flatnonzero(~done)
+    chunks = []
+    for i in range(0, len(missing), batch_size):
+        part = missing[i:i + batch_size]
+        if part[-1] - part[0] + 1 == len(part):
+            chunks.append((rec["shard"], rec["slide_id"], int(part[0]), int(part[-1]) + 1, None))
+        else:
+            chunks.append((rec["shard"], rec["slide_id"], None, None, part))
+    return chunks
 
 
 def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, clock: BatchClock) -> int:
     """Phase 2: run the teacher on every view that has no target yet; return targets written.
 
     `clock` gets each batch's arrival and loader wait, and when the last commit ended."""
-    chunks, total = [], 0
+    chunks, total, remaining = [], 0, {}
     for rec in records:
-        writer = writers[rec["shard"]]
-        n_views = len(rec["tiles"]) * cfg.views
-        slide_missing = 0
-        for start in range(0, n_views, cfg.batch_size):
-            stop = min(start + cfg.batch_size, n_views)
-            keys = [target_key(fp, view_id(rec, v // cfg.views, v % cfg.views))
-                    for v in range(start, stop)]
-            missing = writer.missing(keys)
-            if any(missing):
-                chunks.append((rec["shard"], rec["slide_id"], start, stop,
-                               None if all(missing) else np.flatnonzero(missing) + start))
-                slide_missing += sum(missing)
-        total += slide_missing
-        if slide_missing == 0:
+        done = writers[rec["shard"]].done(rec["slide_id"], fp, rec["n_views"])
+        slide_chunks = _missing_chunks(rec, done, cfg.batch_size)
+        chunks += slide_chunks
+        total += int((~done).sum())
+        remaining[rec["slide_id"]] = len(slide_chunks)
+        if not slide_chunks:
             progress.slide_done(rec["slide_id"], ok=True, skipped=True)
     progress.start_views(total)
     if not chunks:
         return 0
-    remaining = {}
-    for shard, slide_id, *_ in chunks:
-        remaining[slide_id] = remaining.get(slide_id, 0) + 1
+    by_id = {r["slide_id"]: r for r in records}
     dataset = ChunkDataset(chunks, str(layout.root), cfg.tiling(), cfg.policy(), cfg.views,
                            cfg.seed, cfg.tile_format, cfg.jpeg_quality)
-    bg = BackgroundWriter(writers)
+    bg = BackgroundWriter()
     written = 0
 
     def commit(batch: _InFlight) -> int:
         item = batch.item
-        emb, patch = batch.result()
-        puts = [(tile_key(t), b) for t, b in item["new_tiles"]]
-        puts += [(target_key(fp, vid), encode_target(emb[i], patch[i]))
-                 for i, vid in enumerate(item["view_ids"])]
-        bg.put(item["shard"], puts)
-        progress.views_done(len(item["view_ids"]))
+        rec = by_id[item["slide_id"]]
+        rows = encode_targets(*batch.result())  # refuses non-finite targets before anything is stored
+        bg.put(writers[rec["shard"]].commit, rec["slide_id"], rec["row_start"], rec["n_views"], fp,
+               item["indices"], rows, item["new_tiles"])
+        progress.views_done(len(item["indices"]))
         remaining[item["slide_id"]] -= 1
         if remaining[item["slide_id"]] == 0:
             progress.slide_done(item["slide_id"], ok=True)
-        return len(item["view_ids"])
+        return len(item["indices"])
 
     in_flight = None
     try:
         for waited, item in timed_iter(_loader(dataset, cfg, pin=teacher.mean.device.type == "cuda")):
-            clock.arrived(len(item.get("view_ids", [])), waited)
+            clock.arrived(len(item["indices"]), waited)
             slide_id = item["slide_id"]
             if slide_id in failed:
                 continue
             if item["error"] is not None:
                 failed[slide_id] = item["error"]
-                rec = dict(records_by_id(records)[slide_id], status="failed", error=item["error"])
-                bg.put(item["shard"], [(slide_key(slide_id), json.dumps(rec).encode())])
+                # The slide's tiles and targets are left behind unread: finalise keeps ok slides only.
+                bg.put(writers[item["shard"]].put_record,
+                       dict(by_id[slide_id], status="failed", error=item["error"]))
                 progress.slide_done(slide_id, ok=False, error=item["error"])
                 continue
             # Launch this batch, then finish the previous one while the device works on it.
@@ -364,10 +381,6 @@ class _InFlight:
         if self.event is not None:
             self.event.synchronize()
         return self.emb.numpy(), self.patch.numpy()
-
-
-def records_by_id(records: list[dict]) -> dict[str, dict]:
-    return {r["slide_id"]: r for r in records}
 
 
 def existing_cache_options(out: str | Path) -> dict:

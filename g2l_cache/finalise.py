@@ -1,4 +1,10 @@
-"""Rebuild the Parquet tables and the manifest from what the shards hold (rank 0, after a barrier)."""
+"""Write the Parquet tables, the view/tile index and the manifest from what the shards hold.
+
+Runs on rank 0 after every rank has closed its shards. Each slide's tables were made when it was
+planned; this only concatenates them, adds where each tile and target sits, and counts targets
+from the per-slide bitmaps (no target is read). When no shard changed since the last finalise and
+the teacher is already recorded, nothing is rewritten.
+"""
 
 from __future__ import annotations
 
@@ -6,158 +12,173 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest, write_manifest
 from g2l_cache.slides import SlideSpec
-from g2l_cache.store import close_env, iter_prefix, shared_env, target_prefix, unpack
-from g2l_cache.views import ViewPolicy, sample_view, view_param_names
-from g2l_cache.work import make_view_id
-from g2l_cache.tiling import make_tile_id
+from g2l_cache.store import (META_GENERATION, TLOC_DTYPE, bits_from_bytes, close_env, done_key, get_value,
+                             index_path, iter_prefix, read_int, shared_env, table_from_bytes,
+                             tiles_key, tloc_key, unpack, views_key)
+from g2l_cache.tables import (TILE_INDEX_DTYPE, TILE_LOCATION_SCHEMA, TILE_SCHEMA, VIEW_INDEX_DTYPE,
+                              VIEW_LOCATION_SCHEMA, VIEW_SCHEMA, view_index_rows)
 
 SLIDE_COLUMNS = ["slide_id", "path", "file_size", "file_mtime", "mpp", "mpp_source", "mpp_override",
                  "width", "height", "reader", "status", "error", "n_candidates", "n_tiles", "shard"]
+ROW_GROUP = 1 << 18  # rows per Parquet row group
 
 
 class _TableWriter:
-    """Streams record batches to one Parquet file, written under a temp name and renamed at the end."""
+    """Streams tables to one Parquet file in large row groups, under a temp name until closed."""
 
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_suffix(".parquet.tmp")
-        self.writer: pq.ParquetWriter | None = None
-        self.schema: pa.Schema | None = None
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.pending: list[pa.Table] = []
+        self.rows = 0
 
-    def write(self, columns: dict[str, list]) -> None:
-        if not columns or not next(iter(columns.values())):
-            return
-        table = pa.table(columns) if self.schema is None else pa.table(columns, schema=self.schema)
-        if self.writer is None:
-            self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        self.writer.write_table(table)
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= ROW_GROUP:
+            self._flush()
 
-    def close(self, empty_schema: pa.Schema) -> None:
-        if self.writer is None:
-            pq.write_table(empty_schema.empty_table(), self.tmp)
-        else:
-            self.writer.close()
-        os.replace(self.tmp, self.path)
+    def _flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP)
+        self.pending, self.rows = [], 0
+
+    def close(self) -> Path:
+        self._flush()
+        self.writer.close()
+        return self.tmp
 
 
-def _empty_schemas() -> dict[str, pa.Schema]:
-    params = {"crop_x": pa.int64(), "crop_y": pa.int64(), "crop_size": pa.int64(), "hflip": pa.bool_(),
-              "vflip": pa.bool_(), "jitter_applied": pa.bool_(), "brightness": pa.float64(),
-              "contrast": pa.float64(), "saturation": pa.float64(), "hue": pa.float64(),
-              "jitter_order": pa.string(), "blur_applied": pa.bool_(), "blur_sigma": pa.float64(),
-              "blur_kernel": pa.int64()}
-    return {
-        "tiles": pa.schema([("tile_id", pa.string()), ("slide_id", pa.string()), ("x", pa.int64()),
-                            ("y", pa.int64()), ("size0", pa.int64()), ("read_mpp", pa.float64()),
-                            ("tile_px", pa.int64()), ("tissue_fraction", pa.float64()),
-                            ("shard", pa.int64())]),
-        "views": pa.schema([("view_id", pa.string()), ("tile_id", pa.string()),
-                            ("slide_id", pa.string()), ("shard", pa.int64()),
-                            ("view_index", pa.int64())] + [(k, params[k]) for k in view_param_names()]),
-    }
+def _add_columns(table: pa.Table, schema: pa.Schema, columns: dict[str, np.ndarray]) -> pa.Table:
+    for field in schema:
+        table = table.append_column(field, pa.array(columns[field.name], type=field.type))
+    return table
 
 
 def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: dict,
                    world_size: int) -> dict:
-    """Write slides/tiles/views Parquet and the manifest's counts, teachers and shard states."""
+    """Write slides/tiles/views Parquet, the index and the manifest's counts, teachers and shards."""
     manifest = read_manifest(layout.root)
-    settings = manifest["settings"]
-    policy = ViewPolicy(**settings["views"]["policy"])
-    k_views, seed = settings["views"]["per_tile"], settings["seed"]
-    schemas = _empty_schemas()
-    tiles_out, views_out = _TableWriter(layout.tiles), _TableWriter(layout.views)
-    slide_rows: list[dict] = []
-    shard_states, n_tiles = [], 0
+    k_views = manifest["settings"]["views"]["per_tile"]
     teachers = dict(manifest["teachers"])
+    known_teacher = teacher_info["fingerprint"] in teachers
     teachers[teacher_info["fingerprint"]] = {**teachers.get(teacher_info["fingerprint"], {}),
                                              **teacher_info}
-    target_counts = {fp: 0 for fp in teachers}
-    for shard in range(manifest["n_shards"]):
-        path = layout.shard(shard)
-        if not path.exists():
-            shard_states.append({"index": shard, "path": str(path.relative_to(layout.root)),
-                                 "state": "empty", "slides": 0, "tiles": 0, "bytes": 0})
-            continue
-        env = shared_env(path)
-        shard_tiles = shard_slides = 0
-        try:
-            for key, value in iter_prefix(env, b"slide/"):
-                rec = json.loads(unpack(value, key))
-                shard_slides += 1
-                slide_rows.append(_slide_row(rec, shard))
-                if rec["status"] != "ok":
-                    continue
-                shard_tiles += len(rec["tiles"])
-                tiles_out.write(_tile_columns(rec, shard))
-                views_out.write(_view_columns(rec, shard, k_views, seed, policy))
-            for fp in teachers:
-                target_counts[fp] += sum(1 for _ in iter_prefix(env, target_prefix(fp), values=False))
-        finally:
-            close_env(path)
-        n_tiles += shard_tiles
-        shard_states.append({"index": shard, "path": str(path.relative_to(layout.root)),
-                             "state": "complete", "slides": shard_slides, "tiles": shard_tiles,
-                             "bytes": dir_bytes(path)})
-    tiles_out.close(schemas["tiles"])
-    views_out.close(schemas["views"])
-    slides_table = pa.Table.from_pylist(slide_rows) if slide_rows else None
-    tmp = layout.slides.with_suffix(".parquet.tmp")
-    pq.write_table(slides_table if slides_table is not None else
-                   pa.schema([(c, pa.string()) for c in SLIDE_COLUMNS]).empty_table(), tmp)
-    os.replace(tmp, layout.slides)
-
-    n_views = n_tiles * k_views
-    for fp, info in teachers.items():
-        info.update(n_targets=target_counts[fp], complete=target_counts[fp] == n_views)
-    ok = sum(r["status"] == "ok" for r in slide_rows)
     inputs = {s["slide_id"]: s for s in manifest.get("slide_inputs", [])}
     inputs.update({s.slide_id: {"slide_id": s.slide_id, "path": s.path,
                                 "mpp_override": s.mpp_override} for s in specs})
+
+    envs, records, shard_states = {}, [], []
+    for shard in range(manifest["n_shards"]):
+        path = layout.shard(shard)
+        state = {"index": shard, "path": str(path.relative_to(layout.root)), "state": "empty",
+                 "slides": 0, "tiles": 0, "bytes": 0, "generation": 0}
+        if index_path(path).exists():
+            env = envs[shard] = shared_env(path)
+            shard_recs = [json.loads(unpack(v, k)) for k, v in iter_prefix(env, b"slide/")]
+            records += shard_recs
+            state.update(state="complete", slides=len(shard_recs),
+                         tiles=sum(r["n_tiles"] for r in shard_recs if r["status"] == "ok"),
+                         bytes=dir_bytes(path), generation=read_int(env, META_GENERATION))
+        shard_states.append(state)
+    try:
+        old_gens = [s.get("generation") for s in manifest.get("shards", [])]
+        unchanged = (known_teacher and old_gens == [s["generation"] for s in shard_states]
+                     and all(p.exists() for p in (layout.slides, layout.tiles, layout.views,
+                                                  layout.view_index, layout.tile_index)))
+        if not unchanged:
+            _write_tables(layout, envs, records, teachers, k_views)
+    finally:
+        for shard in envs:
+            close_env(layout.shard(shard))
+
+    ok = [r for r in records if r["status"] == "ok"]
+    n_views = sum(r["n_views"] for r in ok)
+    if unchanged:
+        counts = manifest["counts"]
+    else:
+        counts = {"slides": len(records), "slides_ok": len(ok), "slides_failed": len(records) - len(ok),
+                  "tiles": sum(r["n_tiles"] for r in ok), "views": n_views}
     manifest.update(
         status="complete" if teachers[teacher_info["fingerprint"]]["complete"] else "partial",
         teachers=teachers, shards=shard_states, last_world_size=world_size,
-        slide_inputs=[inputs[k] for k in sorted(inputs)],
-        counts={"slides": len(slide_rows), "slides_ok": ok, "slides_failed": len(slide_rows) - ok,
-                "tiles": n_tiles, "views": n_views})
+        slide_inputs=[inputs[k] for k in sorted(inputs)], counts=counts)
     write_manifest(layout.root, manifest)
     return manifest
 
 
-def _slide_row(rec: dict, shard: int) -> dict:
-    return {"slide_id": rec["slide_id"], "path": rec["path"], "file_size": rec["file"]["size"],
-            "file_mtime": rec["file"]["mtime"], "mpp": rec["mpp"], "mpp_source": rec["mpp_source"],
-            "mpp_override": rec.get("mpp_override"), "width": rec["width"], "height": rec["height"],
-            "reader": rec["reader"], "status": rec["status"], "error": rec["error"],
-            "n_candidates": rec["n_candidates"], "n_tiles": len(rec["tiles"]) if rec["status"] == "ok" else 0,
-            "shard": shard}
+def _write_tables(layout: CacheLayout, envs: dict, records: list[dict], teachers: dict,
+                  k_views: int) -> None:
+    """Concatenate every ok slide's tables (in slide-id order) into Parquet and the index."""
+    records = sorted(records, key=lambda r: r["slide_id"])
+    ok = [r for r in records if r["status"] == "ok"]
+    n_tiles, n_views = sum(r["n_tiles"] for r in ok), sum(r["n_views"] for r in ok)
+    layout.index_dir.mkdir(exist_ok=True)
+    tmp_views = layout.view_index.with_name("views.npy.tmp")
+    tmp_tiles = layout.tile_index.with_name("tiles.npy.tmp")
+    view_index = np.lib.format.open_memmap(tmp_views, mode="w+", dtype=VIEW_INDEX_DTYPE, shape=(n_views,))
+    tile_index = np.lib.format.open_memmap(tmp_tiles, mode="w+", dtype=TILE_INDEX_DTYPE, shape=(n_tiles,))
+    tiles_out = _TableWriter(layout.tiles, pa.schema(list(TILE_SCHEMA) + list(TILE_LOCATION_SCHEMA)))
+    views_out = _TableWriter(layout.views, pa.schema(list(VIEW_SCHEMA) + list(VIEW_LOCATION_SCHEMA)))
+    targets = {fp: 0 for fp in teachers}
+    missing: dict[str, list[str]] = {fp: [] for fp in teachers}
+    slide_row = {r["slide_id"]: i for i, r in enumerate(records)}
+    t0 = v0 = 0
+    for rec in ok:
+        sid, shard, env = rec["slide_id"], rec["shard"], envs[rec["shard"]]
+        tiles = table_from_bytes(get_value(env, tiles_key(sid)))
+        views = table_from_bytes(get_value(env, views_key(sid)))
+        tloc = np.frombuffer(get_value(env, tloc_key(sid)), dtype=TLOC_DTYPE)
+        nt, nv = tiles.num_rows, views.num_rows
+        tiles_out.write(_add_columns(tiles, TILE_LOCATION_SCHEMA, {
+            "shard": np.full(nt, shard), "offset": tloc["offset"], "length": tloc["length"],
+            "crc32": tloc["crc"]}))
+        rows = view_index_rows(views, t0, k_views, rec["row_start"])
+        views_out.write(_add_columns(views, VIEW_LOCATION_SCHEMA, {
+            "shard": np.full(nv, shard), "tile_index": rows["tile"].astype(np.int64),
+            "target_row": rows["row"].astype(np.int64)}))
+        view_index[v0:v0 + nv] = rows
+        entries = tile_index[t0:t0 + nt]
+        entries["shard"], entries["slide"] = shard, slide_row[sid]
+        # A tile not stored yet (a partial build) keeps offset -1; reading it names the fix.
+        entries["offset"], entries["length"], entries["crc"] = tloc["offset"], tloc["length"], tloc["crc"]
+        for fp in teachers:
+            have = int(bits_from_bytes(get_value(env, done_key(sid, fp)), nv).sum())
+            targets[fp] += have
+            if have < nv:
+                missing[fp].append(sid)
+        t0, v0 = t0 + nt, v0 + nv
+    view_index.flush()
+    tile_index.flush()
+    del view_index, tile_index
+    slides_tmp = layout.slides.with_name("slides.parquet.tmp")
+    pq.write_table(_slides_table(records), slides_tmp)
+    # Tables first, the manifest last: a reader never sees counts the tables do not have.
+    for tmp, final in ((tiles_out.close(), layout.tiles), (views_out.close(), layout.views),
+                       (tmp_tiles, layout.tile_index), (tmp_views, layout.view_index),
+                       (slides_tmp, layout.slides)):
+        os.replace(tmp, final)
+    for fp, info in teachers.items():
+        info.update(n_targets=targets[fp], complete=targets[fp] == n_views,
+                    missing_slides=missing[fp])
 
 
-def _tile_columns(rec: dict, shard: int) -> dict[str, list]:
-    tiles = rec["tiles"]
-    return {"tile_id": [make_tile_id(rec["slide_id"], t[0], t[1]) for t in tiles],
-            "slide_id": [rec["slide_id"]] * len(tiles), "x": [t[0] for t in tiles],
-            "y": [t[1] for t in tiles], "size0": [t[2] for t in tiles],
-            "read_mpp": [float(rec["read_mpp"])] * len(tiles), "tile_px": [rec["tile_px"]] * len(tiles),
-            "tissue_fraction": [float(t[3]) for t in tiles], "shard": [shard] * len(tiles)}
-
-
-def _view_columns(rec: dict, shard: int, k_views: int, seed: int, policy: ViewPolicy) -> dict[str, list]:
-    cols: dict[str, list] = {c: [] for c in ["view_id", "tile_id", "slide_id", "shard", "view_index",
-                                             *view_param_names()]}
-    for t in rec["tiles"]:
-        tile_id = make_tile_id(rec["slide_id"], t[0], t[1])
-        for k in range(k_views):
-            params = sample_view(seed, tile_id, k, policy).to_dict()
-            cols["view_id"].append(make_view_id(tile_id, k))
-            cols["tile_id"].append(tile_id)
-            cols["slide_id"].append(rec["slide_id"])
-            cols["shard"].append(shard)
-            cols["view_index"].append(k)
-            for name, value in params.items():
-                cols[name].append(value)
-    return cols
+def _slides_table(records: list[dict]) -> pa.Table:
+    rows = [{"slide_id": r["slide_id"], "path": r["path"], "file_size": r["file"]["size"],
+             "file_mtime": r["file"]["mtime"], "mpp": r["mpp"], "mpp_source": r["mpp_source"],
+             "mpp_override": r.get("mpp_override"), "width": r["width"], "height": r["height"],
+             "reader": r["reader"], "status": r["status"], "error": r["error"],
+             "n_candidates": r["n_candidates"], "n_tiles": r["n_tiles"] if r["status"] == "ok" else 0,
+             "shard": r["shard"]} for r in records]
+    schema = pa.schema([("slide_id", pa.string()), ("path", pa.string()), ("file_size", pa.int64()),
+                        ("file_mtime", pa.float64()), ("mpp", pa.float64()), ("mpp_source", pa.string()),
+                        ("mpp_override", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
+                        ("reader", pa.string()), ("status", pa.string()), ("error", pa.string()),
+                        ("n_candidates", pa.int64()), ("n_tiles", pa.int64()), ("shard", pa.int64())])
+    return pa.Table.from_pylist(rows, schema=schema)

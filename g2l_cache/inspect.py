@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import random
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.reader import CacheReader
-from g2l_cache.store import CorruptValue, iter_prefix, shared_env, unpack
+from g2l_cache.store import (CRC_BYTES, CorruptValue, bits_from_bytes, close_env, done_key, get_value,
+                             index_path, iter_prefix, shared_env, target_row_bytes, unpack)
+
+READ_BLOCK = 1 << 24  # bytes per read while checking data files
 
 
 def cache_info(root: str) -> dict:
@@ -18,12 +24,12 @@ def cache_info(root: str) -> dict:
     layout = CacheLayout(root)
     counts = manifest.get("counts", {})
     total = dir_bytes(layout.root)
-    shard_bytes = sum(dir_bytes(layout.shard(s)) for s in range(manifest["n_shards"])
-                      if layout.shard(s).exists())
+    shard_bytes = sum(s.get("bytes", 0) for s in manifest.get("shards", []))
     views = counts.get("views", 0) or 0
     teachers = {fp: {"name": t["spec"]["name"], "embed_dim": t["embed_dim"],
                      "patch_dim": t["patch_dim"], "targets": t.get("n_targets", 0),
-                     "complete": t.get("complete", False)}
+                     "complete": t.get("complete", False),
+                     "missing_slides": len(t.get("missing_slides", []))}
                 for fp, t in manifest["teachers"].items()}
     return {"cache": str(layout.root), "status": manifest.get("status"),
             "schema_version": manifest["schema_version"],
@@ -34,72 +40,176 @@ def cache_info(root: str) -> dict:
             "settings": manifest["settings"]}
 
 
-def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cpu") -> dict:
-    """Check every checksum and that each tile and view has its values; optionally re-run the teacher."""
+def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cpu",
+                 teachers: dict | None = None, checksums: bool = True) -> dict:
+    """Check every checksum (index values, tile bytes, target rows) and that every view of a complete
+    teacher has its target; optionally re-run the teachers on `recompute` random views.
+
+    `checksums=False` skips the full pass (reading the whole cache) and only recomputes.
+    `teachers`: ready Teacher objects by fingerprint for the recompute (else rebuilt from their specs)."""
     reader = CacheReader(root)
-    layout = reader.layout
-    tiles, views = reader.tiles(), reader.views()
-    problems: list[str] = []
-    checked = 0
-    teachers = reader.manifest["teachers"]
-    target_counts = {fp: 0 for fp in teachers}
-    tile_present: set[str] = set()
-    for shard in range(reader.manifest["n_shards"]):
-        path = layout.shard(shard)
-        if not path.exists():
-            continue
-        for key, value in iter_prefix(shared_env(path), b""):
-            checked += 1
-            try:
-                unpack(value, key)
-            except CorruptValue as exc:
-                problems.append(f"shard {shard}: {exc}")
-            kind, _, rest = bytes(key).partition(b"/")
-            if kind == b"tile":
-                tile_present.add(rest.decode())
-            elif kind == b"tgt":
-                fp = rest.split(b"/", 1)[0].decode()
-                if fp in target_counts:
-                    target_counts[fp] += 1
-    missing_tiles = set(tiles["tile_id"].to_list()) - tile_present
-    if missing_tiles:
-        problems.append(f"{len(missing_tiles)} tiles in tiles.parquet have no stored pixels "
-                        f"(e.g. {sorted(missing_tiles)[0]}).")
-    for fp, info in teachers.items():
-        if target_counts[fp] != info.get("n_targets"):
-            problems.append(f"teacher {fp}: manifest says {info.get('n_targets')} targets, "
-                            f"shards hold {target_counts[fp]}.")
-        if info.get("complete") and target_counts[fp] != views.height:
-            problems.append(f"teacher {fp}: {views.height} views but {target_counts[fp]} targets.")
-    report = {"cache": str(layout.root), "values_checked": checked, "problems": problems,
-              "target_counts": target_counts, "recompute": None}
-    if recompute > 0 and views.height:
-        report["recompute"] = _recompute(reader, views, recompute, seed, device)
+    manifest = reader.manifest
+    started = time.perf_counter()
+    report = {"cache": str(reader.layout.root), "values_checked": 0, "problems": [],
+              "target_counts": {}, "data_bytes": 0, "seconds": 0.0, "mb_per_second": 0.0,
+              "recompute": None}
+    if checksums:
+        views = reader.view_index
+        # Views are ordered by slide, so each slide's views are one range of the index.
+        tile_of = views["tile"]
+        ctx = _VerifyContext(reader, reader.tile_index["slide"][tile_of], reader.tile_index["shard"][tile_of])
+        shards = [s for s in range(manifest["n_shards"]) if index_path(reader.layout.shard(s)).exists()]
+        # zlib releases the GIL on large buffers: shards are checked side by side.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for checked, nbytes, problems in pool.map(ctx.check_shard, shards):
+                report["values_checked"] += checked
+                report["data_bytes"] += nbytes
+                report["problems"] += problems
+        counts = report["target_counts"] = {fp: int(d.sum()) for fp, d in ctx.done.items()}
+        for fp, info in manifest["teachers"].items():
+            if counts[fp] != info.get("n_targets"):
+                report["problems"].append(f"teacher {fp}: manifest says {info.get('n_targets')} targets, "
+                                          f"shards hold {counts[fp]}.")
+            if info.get("complete") and counts[fp] != len(views):
+                report["problems"].append(f"teacher {fp}: {len(views)} views but {counts[fp]} targets.")
+        report["seconds"] = time.perf_counter() - started
+        report["mb_per_second"] = report["data_bytes"] / 1e6 / max(report["seconds"], 1e-9)
+    if recompute > 0 and reader.n_views:
+        report["recompute"] = _recompute(reader, recompute, seed, device, teachers or {})
     return report
 
 
-def _recompute(reader: CacheReader, views, n: int, seed: int, device: str) -> dict:
+class _VerifyContext:
+    """What the checksum pass shares between shards: the index and each teacher's committed views."""
+
+    def __init__(self, reader: CacheReader, view_slide: np.ndarray, view_shard: np.ndarray):
+        self.reader, self.view_slide, self.view_shard = reader, view_slide, view_shard
+        self.slide_ids = reader.slides()["slide_id"].to_list()
+        self.done = {fp: np.zeros(len(view_slide), dtype=bool) for fp in reader.manifest["teachers"]}
+
+    def check_shard(self, shard: int) -> tuple[int, int, list[str]]:
+        """(index values checked, data bytes read, problems) of one shard."""
+        layout, teachers = self.reader.layout, self.reader.manifest["teachers"]
+        path = layout.shard(shard)
+        problems, checked = [], 0
+        env = shared_env(path, lock=False)
+        try:
+            for key, value in iter_prefix(env, b""):
+                checked += 1
+                try:
+                    unpack(value, key)
+                except CorruptValue as exc:
+                    problems.append(f"shard {shard}: {exc}")
+            on_shard = self.view_shard == shard
+            for slide in np.unique(self.view_slide[on_shard]):
+                lo, hi = np.searchsorted(self.view_slide, [slide, slide + 1])
+                for fp in teachers:
+                    try:
+                        bits = get_value(env, done_key(self.slide_ids[int(slide)], fp))
+                    except CorruptValue:
+                        continue  # reported above
+                    self.done[fp][lo:hi] = bits_from_bytes(bits, int(hi - lo))
+        finally:
+            close_env(path)
+        tiles = self.reader.tile_index
+        mine = np.flatnonzero(tiles["shard"] == shard)
+        nbytes, bad = _check_tiles(layout, shard, tiles[mine], mine)
+        problems += bad
+        for fp, info in teachers.items():
+            n, bad = _check_targets(layout, shard, fp, info, self.reader.view_index,
+                                    np.flatnonzero(on_shard & self.done[fp]))
+            nbytes += n
+            problems += bad
+        return checked, nbytes, problems
+
+
+def _check_tiles(layout: CacheLayout, shard: int, entries: np.ndarray, rows: np.ndarray
+                 ) -> tuple[int, list[str]]:
+    """CRC of every stored tile of one shard, read in file order in large blocks."""
+    stored = entries["offset"] >= 0
+    if not stored.any():
+        return 0, []
+    order = np.argsort(entries["offset"][stored], kind="stable")
+    entries, rows = entries[stored][order], rows[stored][order]
+    problems, total = [], 0
+    with open(layout.tiles_file(shard), "rb") as fh:
+        start = 0
+        while start < len(entries):
+            base = int(entries["offset"][start])
+            stop = start
+            while stop < len(entries) and entries["offset"][stop] + entries["length"][stop] - base <= READ_BLOCK:
+                stop += 1
+            stop = max(stop, start + 1)
+            end = int(entries["offset"][stop - 1] + entries["length"][stop - 1])
+            fh.seek(base)
+            block = memoryview(fh.read(end - base))
+            total += len(block)
+            for e, row in zip(entries[start:stop], rows[start:stop]):
+                lo = int(e["offset"]) - base
+                data = block[lo:lo + int(e["length"])]
+                if len(data) != e["length"] or zlib.crc32(data) != e["crc"]:
+                    problems.append(f"shard {shard}: checksum mismatch for tile {int(row)}.")
+            start = stop
+    return total, problems
+
+
+def _check_targets(layout: CacheLayout, shard: int, fp: str, info: dict, views: np.ndarray,
+                   chosen: np.ndarray) -> tuple[int, list[str]]:
+    """CRC of the target row of each `chosen` view (all in one shard) of one teacher."""
+    if not len(chosen):
+        return 0, []
+    path = layout.targets_file(shard, fp)
+    if not path.exists():
+        return 0, [f"shard {shard}: targets of teacher {fp} are missing ({path.name})."]
+    stride = target_row_bytes(info["embed_dim"], info["patch_dim"])
+    rows = views["row"][chosen].astype(np.int64)
+    order = np.argsort(rows, kind="stable")
+    rows, chosen = rows[order], chosen[order]
+    problems, total = [], 0
+    per_block = max(1, READ_BLOCK // stride)
+    with open(path, "rb") as fh:
+        for i in range(0, len(rows), per_block):
+            block_rows, block_views = rows[i:i + per_block], chosen[i:i + per_block]
+            lo, hi = int(block_rows[0]), int(block_rows[-1]) + 1
+            fh.seek(lo * stride)
+            block = memoryview(fh.read((hi - lo) * stride))
+            total += len(block)
+            for r, v in zip(block_rows.tolist(), block_views.tolist()):
+                row = block[(r - lo) * stride:(r - lo + 1) * stride]
+                if len(row) != stride or zlib.crc32(row[:-CRC_BYTES]) != int.from_bytes(row[-CRC_BYTES:], "little"):
+                    problems.append(f"shard {shard}: checksum mismatch for the target of view {v} "
+                                    f"(teacher {fp}).")
+    return total, problems
+
+
+def _recompute(reader: CacheReader, n: int, seed: int, device: str, ready: dict) -> dict:
     """Re-run each complete teacher on n random cached views; report the largest differences."""
     from g2l_cache.teachers import TeacherSpec, load_teacher
 
-    rows = views.to_dicts()
-    picks = random.Random(seed).sample(rows, min(n, len(rows)))
-    x = torch.stack([reader.replay(r) for r in picks])
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(reader.n_views, size=min(n, reader.n_views), replace=False))
+    x = torch.stack([reader.replay(int(v)) for v in picks])
     out = {}
     for fp, info in reader.manifest["teachers"].items():
         if not info.get("complete"):
             continue
-        teacher = load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"], device=device)
+        teacher = ready.get(fp) or load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"],
+                                                device=device)
         if teacher.fingerprint() != fp:
             out[fp] = {"error": "rebuilt teacher has another fingerprint (weights changed?)"}
             continue
-        emb, patch = teacher.embed(x)
-        stored = [reader.target(fp, r["view_id"], r["shard"]) for r in picks]
-        s_emb = torch.from_numpy(np.stack([s[0] for s in stored]).astype(np.float32))
-        s_patch = torch.from_numpy(np.stack([s[1] for s in stored]).astype(np.float32))
-        emb, patch = emb.cpu(), patch.cpu()
-        cos = torch.nn.functional.cosine_similarity(emb, s_emb, dim=1)
-        out[fp] = {"views": len(picks), "max_abs_diff_embedding": float((emb - s_emb).abs().max()),
-                   "max_abs_diff_patch": float((patch - s_patch).abs().max()),
-                   "min_cosine": float(cos.min())}
+        out[fp] = compare_targets(reader, fp, picks, *teacher.embed(x))
     return out
+
+
+def compare_targets(reader: CacheReader, fp: str, views: np.ndarray, emb: torch.Tensor,
+                    patch: torch.Tensor) -> dict:
+    """Largest differences between freshly computed and stored targets of `views`."""
+    stored = [reader.target(fp, int(v)) for v in views]
+    s_emb = torch.from_numpy(np.stack([s[0] for s in stored]).astype(np.float32))
+    s_patch = torch.from_numpy(np.stack([s[1] for s in stored]).astype(np.float32))
+    emb, patch = emb.float().cpu(), patch.float().cpu()
+    cos = torch.nn.functional.cosine_similarity(emb, s_emb, dim=1)
+    return {"views": len(views), "max_abs_diff_embedding": float((emb - s_emb).abs().max()),
+            "max_abs_diff_patch": float((patch - s_patch).abs().max()),
+            "min_cosine": float(cos.min())}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from g2l_cache.errors import G2LError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tiles and targets in flat files beside a small LMDB index per shard
 CACHE_FORMAT = "g2l-cache"
 
 
@@ -24,9 +24,18 @@ class CacheLayout:
         self.views = self.root / "views.parquet"
         self.shards_dir = self.root / "shards"
         self.qc_dir = self.root / "qc"
+        self.index_dir = self.root / "index"
+        self.view_index = self.index_dir / "views.npy"
+        self.tile_index = self.index_dir / "tiles.npy"
 
     def shard(self, index: int) -> Path:
-        return self.shards_dir / f"{index:05d}.lmdb"
+        return self.shards_dir / f"{index:05d}"
+
+    def tiles_file(self, shard: int) -> Path:
+        return self.shard(shard) / "tiles.bin"
+
+    def targets_file(self, shard: int, teacher_fp: str) -> Path:
+        return self.shard(shard) / "targets" / f"{teacher_fp}.bin"
 
     def qc(self, slide_id: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slide_id)
@@ -52,8 +61,10 @@ def read_manifest(root: str | Path) -> dict:
     if manifest.get("format") != CACHE_FORMAT:
         raise G2LError(f"{layout.root} holds a manifest.json that is not a g2l cache's.")
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise G2LError(f"cache schema version {manifest.get('schema_version')} is not supported by "
-                       f"this g2l (schema {SCHEMA_VERSION}); rebuild the cache or use a matching g2l.")
+        raise G2LError(f"{layout.root} has cache schema version {manifest.get('schema_version')}; this "
+                       f"g2l reads schema {SCHEMA_VERSION} (flat tile and target files, see "
+                       "docs/cache-format.md). Rebuild the cache into a new --out folder with this g2l "
+                       "(tiles are re-read from the slides), or use the g2l that built it.")
     return manifest
 
 

@@ -1,6 +1,14 @@
-"""Read-only access to a finished cache: tables, tile bytes, targets, and view replay (stage two's API)."""
+"""Read-only access to a finished cache: tables, tile bytes, targets, and view replay (stage two's API).
+
+A reader never opens LMDB: it memory-maps the fixed-width index and reads tile bytes and target
+rows with positioned reads, so any number of processes read one cache, also from a read-only
+folder or another user's, and DataLoader workers share the index pages instead of copying them.
+Views and tiles are addressed by their row in views.parquet / tiles.parquet.
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import polars as pl
@@ -8,13 +16,14 @@ import torch
 
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, read_manifest
-from g2l_cache.store import close_env, decode_target, get_value, shared_env, target_key, tile_key
+from g2l_cache.store import CorruptValue, decode_target, target_row_bytes
+from g2l_cache.tables import params_from_index
 from g2l_cache.tile_codec import decode_tile
 from g2l_cache.views import ViewParams, ViewPolicy, apply_view
 
 
 class CacheReader:
-    """Opens shards read-only and lazily per process, so many readers (and workers) can share one cache."""
+    """One finished cache; handles open lazily per process and are never pickled to workers."""
 
     def __init__(self, root: str, require_complete: bool = True):
         self.layout = CacheLayout(root)
@@ -22,13 +31,30 @@ class CacheReader:
         if require_complete and self.manifest.get("status") not in ("complete", "partial"):
             raise G2LError(f"{root} is a half-built cache (status {self.manifest.get('status')!r}); "
                            "finish it with `g2l cache build` first.")
-        for name in ("slides", "tiles", "views"):
-            if not getattr(self.layout, name).exists():
-                raise G2LError(f"{root} has no {name}.parquet; finish it with `g2l cache build`.")
+        for path in (self.layout.slides, self.layout.tiles, self.layout.views,
+                     self.layout.view_index, self.layout.tile_index):
+            if not path.exists():
+                raise G2LError(f"{root} has no {path.relative_to(self.layout.root)}; finish it with "
+                               "`g2l cache build`.")
         settings = self.manifest["settings"]
         self.policy = ViewPolicy(**settings["views"]["policy"])
         self.views_per_tile = settings["views"]["per_tile"]
         self.seed = settings["seed"]
+        self._pid = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pid"] = None  # a worker maps and opens its own
+        for key in ("_views", "_tiles", "_fds"):
+            state.pop(key, None)
+        return state
+
+    def _own(self) -> None:
+        if self._pid != os.getpid():
+            self._views = np.load(self.layout.view_index, mmap_mode="r")
+            self._tiles = np.load(self.layout.tile_index, mmap_mode="r")
+            self._fds: dict = {}
+            self._pid = os.getpid()
 
     # -- tables ------------------------------------------------------------------------------
     def slides(self) -> pl.DataFrame:
@@ -39,6 +65,23 @@ class CacheReader:
 
     def views(self) -> pl.DataFrame:
         return pl.read_parquet(self.layout.views)
+
+    # -- the index ---------------------------------------------------------------------------
+    @property
+    def view_index(self) -> np.ndarray:
+        """Per view (row of views.parquet): tile, target row, k and the view parameters."""
+        self._own()
+        return self._views
+
+    @property
+    def tile_index(self) -> np.ndarray:
+        """Per tile (row of tiles.parquet): shard, slide row, offset, length and CRC of its bytes."""
+        self._own()
+        return self._tiles
+
+    @property
+    def n_views(self) -> int:
+        return len(self.view_index)
 
     # -- teachers ----------------------------------------------------------------------------
     def teacher(self, key: str | None = None) -> dict:
@@ -55,34 +98,59 @@ class CacheReader:
         raise G2LError(f"cache has no teacher {key!r}; it has {', '.join(teachers)}.")
 
     # -- values ------------------------------------------------------------------------------
-    def _get(self, shard: int, key: bytes) -> bytes:
-        value = get_value(shared_env(self.layout.shard(shard)), key)
-        if value is None:
-            raise G2LError(f"cache shard {shard} has no value for {key.decode()}; the cache is "
-                           "incomplete (re-run `g2l cache build`).")
-        return value
+    def _fd(self, path) -> int:
+        self._own()
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise G2LError(f"{path} is missing; the cache is incomplete (re-run "
+                               "`g2l cache build`).") from None
+        return fd
 
-    def tile_bytes(self, tile_id: str, shard: int) -> bytes:
-        return self._get(shard, tile_key(tile_id))
+    def tile_bytes(self, tile: int) -> bytes:
+        """Encoded bytes of tile `tile` (a row of tiles.parquet), checksum verified."""
+        import zlib
 
-    def tile_pixels(self, tile_id: str, shard: int) -> np.ndarray:
+        entry = self.tile_index[tile]
+        if entry["offset"] < 0:
+            raise G2LError(f"tile {tile} has no stored pixels yet; finish the cache with `g2l cache build`.")
+        shard = int(entry["shard"])
+        data = os.pread(self._fd(self.layout.tiles_file(shard)), int(entry["length"]), int(entry["offset"]))
+        if len(data) != entry["length"] or zlib.crc32(data) != entry["crc"]:
+            raise CorruptValue(f"checksum mismatch for tile {tile} in shard {shard}; run `g2l cache verify`.")
+        return data
+
+    def tile_pixels(self, tile: int) -> np.ndarray:
         """Decoded stored pixels of one tile (HxWx3 uint8)."""
-        return decode_tile(self.tile_bytes(tile_id, shard))
+        return decode_tile(self.tile_bytes(tile))
 
-    def target(self, teacher_fp: str, view_id: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        """(embedding, mean patch token) of one view, as fp16 arrays."""
+    def target(self, teacher_fp: str, view: int) -> tuple[np.ndarray, np.ndarray]:
+        """(embedding, mean patch token) of view `view` (a row of views.parquet), as fp16 arrays."""
         info = self.manifest["teachers"][teacher_fp]
-        return decode_target(self._get(shard, target_key(teacher_fp, view_id)), info["embed_dim"])
+        entry = self.view_index[view]
+        shard = int(self.tile_index[entry["tile"]]["shard"])
+        size = target_row_bytes(info["embed_dim"], info["patch_dim"])
+        row = os.pread(self._fd(self.layout.targets_file(shard, teacher_fp)), size, int(entry["row"]) * size)
+        if len(row) != size:
+            raise G2LError(f"view {view} has no target of teacher {teacher_fp}; finish the cache with "
+                           "`g2l cache build`.")
+        return decode_target(row, info["embed_dim"], where=f"view {view} of teacher {teacher_fp} "
+                             f"(shard {shard}, row {int(entry['row'])})")
 
-    def replay(self, view_row: dict) -> torch.Tensor:
-        """The exact [0, 1] input the teacher saw for a views.parquet row."""
-        return self.replay_view(view_row["tile_id"], view_row["shard"], ViewParams.from_dict(view_row))
+    def view_params(self, view: int) -> ViewParams:
+        return params_from_index(self.view_index[view], self.policy)
 
-    def replay_view(self, tile_id: str, shard: int, params: ViewParams) -> torch.Tensor:
-        """Stored pixels of a tile with one view applied: what teacher and student both see."""
-        return apply_view(self.tile_pixels(tile_id, shard), params)
+    def replay(self, view: int) -> torch.Tensor:
+        """The exact [0, 1] input the teacher saw for view `view` (a row of views.parquet)."""
+        return apply_view(self.tile_pixels(int(self.view_index[view]["tile"])), self.view_params(view))
 
     def close(self) -> None:
-        """Close this process's handles on the cache's shards."""
-        for shard in range(self.manifest["n_shards"]):
-            close_env(self.layout.shard(shard))
+        """Close this process's file handles and maps."""
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._pid = None
+        for key in ("_views", "_tiles", "_fds"):
+            self.__dict__.pop(key, None)

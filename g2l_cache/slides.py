@@ -148,5 +148,7 @@ def file_fingerprint(path: str | Path) -> dict:
 
 
 def worker_count_hint() -> int:
-    """A sensible default number of loader workers for this machine."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Loader workers per process: this machine's cores shared among the processes on it
+    (torchrun's LOCAL_WORLD_SIZE), one left for the process itself, at most 8."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, (os.cpu_count() or 1) // local - 1))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import traceback
+import zlib
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -13,25 +16,12 @@ from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout
 from g2l_cache.qc import write_qc_png
 from g2l_cache.slides import OpenedSlide, SlideSpec, file_fingerprint, open_slide
-from g2l_cache.store import get_value, shared_env, slide_key, tile_key
+from g2l_cache.store import (TLOC_DTYPE, CorruptValue, get_value, shared_env, slide_key, table_from_bytes,
+                             table_to_bytes, tiles_key, tloc_key)
+from g2l_cache.tables import slide_tables
 from g2l_cache.tile_codec import decode_tile, encode_tile
-from g2l_cache.tiling import TileRecord, TilingConfig, make_tile_id, plan_tiles, read_tile
+from g2l_cache.tiling import TileRecord, TilingConfig, plan_tiles, read_tile
 from g2l_cache.views import ViewPolicy, apply_view, sample_view
-
-
-def view_id(record: dict, tile_index: int, k: int) -> str:
-    """Stable id of view k of the tile_index-th tile of a slide record."""
-    x, y = record["tiles"][tile_index][:2]
-    return make_view_id(make_tile_id(record["slide_id"], x, y), k)
-
-
-def make_view_id(tile_id: str, k: int) -> str:
-    return f"{tile_id}#{k}"
-
-
-def record_tile(record: dict, tile_index: int) -> TileRecord:
-    x, y, size0, tissue = record["tiles"][tile_index]
-    return TileRecord(make_tile_id(record["slide_id"], x, y), x, y, size0, tissue)
 
 
 def spec_of(record: dict) -> SlideSpec:
@@ -41,8 +31,10 @@ def spec_of(record: dict) -> SlideSpec:
 class PlanDataset(Dataset):
     """Item i: plan slide i (open, tissue mask, tiles, QC picture) and return its slide record."""
 
-    def __init__(self, specs: list[SlideSpec], tiling: TilingConfig, seed: int, cache_root: str):
+    def __init__(self, specs: list[SlideSpec], tiling: TilingConfig, seed: int, cache_root: str,
+                 policy: ViewPolicy, views_per_tile: int):
         self.specs, self.tiling, self.seed, self.cache_root = specs, tiling, seed, cache_root
+        self.policy, self.k = policy, views_per_tile
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -53,7 +45,7 @@ class PlanDataset(Dataset):
                   "file": file_fingerprint(spec.path), "read_mpp": self.tiling.mpp,
                   "tile_px": self.tiling.tile_size, "status": "failed", "error": None,
                   "mpp": None, "mpp_source": None, "width": None, "height": None, "reader": None,
-                  "n_candidates": 0, "tiles": []}
+                  "n_candidates": 0, "n_tiles": 0, "n_views": 0, "tables": None}
         try:
             slide = open_slide(spec)
             record.update(mpp=slide.mpp, mpp_source=slide.mpp_source, width=slide.width,
@@ -61,8 +53,11 @@ class PlanDataset(Dataset):
             plan = plan_tiles(slide, spec.slide_id, self.tiling, self.seed)
             write_qc_png(CacheLayout(self.cache_root).qc(spec.slide_id), plan, slide.width,
                          spec.slide_id)
-            record.update(status="ok", n_candidates=plan.n_candidates,
-                          tiles=[[t.x, t.y, t.size0, t.tissue_fraction] for t in plan.tiles])
+            tiles, views = slide_tables(spec.slide_id, plan.tiles, self.tiling.mpp,
+                                        self.tiling.tile_size, self.k, self.seed, self.policy)
+            record.update(status="ok", n_candidates=plan.n_candidates, n_tiles=len(plan.tiles),
+                          n_views=len(plan.tiles) * self.k,
+                          tables=(table_to_bytes(tiles), table_to_bytes(views)))
         except G2LError as exc:
             record["error"] = str(exc)
         except Exception as exc:  # one bad slide never sinks a run
@@ -73,9 +68,10 @@ class PlanDataset(Dataset):
 class ChunkDataset(Dataset):
     """Item i: one chunk of a slide's views -> decoded, augmented view tensors and new tile bytes.
 
-    Tile pixels come from the stored bytes when the tile is already in the cache; otherwise the tile
-    is read from the slide and encoded, and the view is made from *decoding those bytes*, so the
-    teacher sees exactly what a student replaying the cache will see.
+    A chunk is (shard, slide_id, start, stop, subset): the slide's views start..stop-1, or the
+    listed view indices. Tile pixels come from the stored bytes when the tile is already in the
+    cache; otherwise the tile is read from the slide and encoded, and the view is made from
+    *decoding those bytes*, so the teacher sees exactly what a student replaying the cache sees.
     """
 
     def __init__(self, chunks: list[tuple], cache_root: str, tiling: TilingConfig,
@@ -85,24 +81,42 @@ class ChunkDataset(Dataset):
         self.layout = CacheLayout(cache_root)
         self.tiling, self.policy, self.k, self.seed = tiling, policy, views_per_tile, seed
         self.tile_format, self.jpeg_quality = tile_format, jpeg_quality
-        self._records: dict[str, dict] = {}
+        self._slide_state: tuple | None = None
         self._slides: OrderedDict[str, OpenedSlide] = OrderedDict()
+        self._fds: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_records={}, _slides=OrderedDict())
+        state.update(_slide_state=None, _slides=OrderedDict(), _fds={})
         return state
 
     def _get(self, shard: int, key: bytes) -> bytes | None:
         return get_value(shared_env(self.layout.shard(shard)), key)
 
-    def _record(self, shard: int, slide_id: str) -> dict:
-        if slide_id not in self._records:
-            self._records = {slide_id: json.loads(self._get(shard, slide_key(slide_id)))}
-        return self._records[slide_id]
+    def _state(self, shard: int, slide_id: str) -> tuple[dict, list[TileRecord], np.ndarray]:
+        """The slide's record, tiles and tile locations (read once per slide)."""
+        if self._slide_state is None or self._slide_state[0] != slide_id:
+            record = json.loads(self._get(shard, slide_key(slide_id)))
+            t = table_from_bytes(self._get(shard, tiles_key(slide_id))).to_pydict()
+            tiles = [TileRecord(*row) for row in zip(t["tile_id"], t["x"], t["y"], t["size0"],
+                                                     t["tissue_fraction"])]
+            tloc = np.frombuffer(self._get(shard, tloc_key(slide_id)), dtype=TLOC_DTYPE)
+            self._slide_state = (slide_id, record, tiles, tloc)
+        return self._slide_state[1:]
+
+    def _stored_tile(self, shard: int, loc) -> bytes:
+        entry = self._fds.get(shard)
+        if entry is None or entry[0] != os.getpid():
+            entry = (os.getpid(), os.open(self.layout.tiles_file(shard), os.O_RDONLY))
+            self._fds[shard] = entry
+        data = os.pread(entry[1], int(loc["length"]), int(loc["offset"]))
+        if zlib.crc32(data) != int(loc["crc"]):
+            raise CorruptValue(f"checksum mismatch for a stored tile in shard {shard}; "
+                               "run `g2l cache verify`.")
+        return data
 
     def _slide(self, record: dict) -> OpenedSlide:
         sid = record["slide_id"]
@@ -114,26 +128,25 @@ class ChunkDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         shard, slide_id, start, stop, subset = self.chunks[i]
-        out = {"shard": shard, "slide_id": slide_id, "error": None}
+        indices = np.arange(start, stop) if subset is None else np.asarray(subset, dtype=np.int64)
+        out = {"shard": shard, "slide_id": slide_id, "error": None, "indices": indices}
         try:
-            record = self._record(shard, slide_id)
-            indices = list(range(start, stop)) if subset is None else [int(v) for v in subset]
-            pixels, new_tiles = {}, []
-            tensors, view_ids = [], []
-            for v in indices:
+            record, tiles, tloc = self._state(shard, slide_id)
+            pixels, new_tiles, tensors = {}, [], []
+            for v in indices.tolist():
                 t_index, k = divmod(v, self.k)
-                tile = record_tile(record, t_index)
+                tile = tiles[t_index]
                 if t_index not in pixels:
-                    data = self._get(shard, tile_key(tile.tile_id))
-                    if data is None:
+                    if tloc["offset"][t_index] >= 0:
+                        data = self._stored_tile(shard, tloc[t_index])
+                    else:
                         raw = read_tile(self._slide(record), tile, self.tiling)
                         data = encode_tile(raw, self.tile_format, self.jpeg_quality)
-                        new_tiles.append((tile.tile_id, data))
+                        new_tiles.append((t_index, data))
                     pixels[t_index] = decode_tile(data)
                 params = sample_view(self.seed, tile.tile_id, k, self.policy)
                 tensors.append(apply_view(pixels[t_index], params))
-                view_ids.append(make_view_id(tile.tile_id, k))
-            out.update(views=torch.stack(tensors), view_ids=view_ids, new_tiles=new_tiles)
+            out.update(views=torch.stack(tensors), new_tiles=new_tiles)
         except G2LError as exc:
             out["error"] = str(exc)
         except Exception as exc:

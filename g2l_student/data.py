@@ -10,39 +10,51 @@ import torch
 from torch.utils.data import Dataset
 
 from g2l_cache import CacheReader, G2LError
-from g2l_cache.views import ViewParams
 
 VIEW_CHOICES = ("one", "all")
 
 
 def select_views(reader: CacheReader, slides_file: str | None = None,
-                 where: str | None = None) -> pl.DataFrame:
-    """views.parquet joined with tile and slide columns, optionally subset (no copy of the cache).
+                 where: str | None = None) -> np.ndarray:
+    """Rows of views.parquet to use (sorted), optionally subset; nothing per view is kept but the rows.
 
     `slides_file`: text file with one slide id per line, or a CSV with a `slide_id` column.
     `where`: a SQL condition over view/tile/slide columns, e.g. "slide_id LIKE '%centre-a%'"
-    (parsed by polars' SQL engine, never evaluated as Python).
+    (parsed by polars' SQL engine, never evaluated as Python). Only the columns it names are read.
     """
-    tiles = reader.tiles().select("tile_id", "x", "y", "tissue_fraction")
-    slides = reader.slides().filter(pl.col("status") == "ok").select(
-        "slide_id", pl.col("path").alias("slide_path"), pl.col("mpp").alias("slide_mpp"))
-    views = reader.views().join(tiles, on="tile_id").join(slides, on="slide_id")
+    if not slides_file and not where:
+        return np.arange(reader.n_views, dtype=np.int64)
+    tiles = pl.scan_parquet(reader.layout.tiles).with_row_index("tile_index").select(
+        pl.col("tile_index").cast(pl.Int64), "x", "y", "tissue_fraction")
+    slides = pl.scan_parquet(reader.layout.slides).filter(pl.col("status") == "ok").select(
+        "slide_id", pl.col("path").alias("slide_path"), pl.col("mpp").alias("slide_mpp"), "mpp_source")
+    views = (pl.scan_parquet(reader.layout.views).with_row_index("row")
+             .join(tiles, on="tile_index", how="left").join(slides, on="slide_id", how="left"))
     if slides_file:
         wanted = read_slide_list(slides_file)
-        unknown = wanted - set(views["slide_id"].unique().to_list())
+        ok = set(reader.slides().filter(pl.col("status") == "ok")["slide_id"].to_list())
+        unknown = wanted - ok
         if unknown:
             raise G2LError(f"{len(unknown)} slide(s) in {slides_file} are not ok slides of the cache "
                            f"(e.g. {sorted(unknown)[0]}).")
         views = views.filter(pl.col("slide_id").is_in(sorted(wanted)))
     if where:
+        columns = [c for c in views.collect_schema().names() if c != "row"]
         try:
-            views = views.filter(pl.sql_expr(where))
+            rows = views.filter(pl.sql_expr(where)).select("row").collect()["row"].to_numpy()
         except Exception as exc:
-            raise G2LError(f"--where {where!r} is not a valid condition ({exc}); columns: "
-                           f"{', '.join(views.columns)}.") from None
-    if views.height == 0:
+            raise G2LError(f"--where {where!r} is not a valid condition ({str(exc).splitlines()[0]}); "
+                           f"columns: {', '.join(columns)}.") from None
+    else:
+        rows = views.select("row").collect()["row"].to_numpy()
+    if len(rows) == 0:
         raise G2LError("no cached views left after --slides/--where; loosen the selection.")
-    return views.sort("view_id")
+    return np.sort(rows.astype(np.int64))
+
+
+def view_slides(reader: CacheReader, views: np.ndarray) -> np.ndarray:
+    """The slide (row of slides.parquet) of each view."""
+    return reader.tile_index["slide"][reader.view_index["tile"][views]]
 
 
 def read_slide_list(path: str) -> set[str]:
@@ -73,24 +85,25 @@ def split_by_slide(slide_ids: list[str], val_fraction: float, seed: int) -> tupl
     return [s for s in ids if s not in set(val)], val
 
 
-def samples_per_epoch(views: pl.DataFrame, views_per_epoch: str) -> int:
-    """How many views an epoch visits: one per tile, or all of them."""
-    return views.height if views_per_epoch == "all" else views["tile_id"].n_unique()
+def samples_per_epoch(tiles: np.ndarray, views_per_epoch: str) -> int:
+    """How many views an epoch visits: one per tile, or all of them (`tiles`: tile of each view)."""
+    return len(tiles) if views_per_epoch == "all" else int(np.count_nonzero(np.diff(tiles)) + (len(tiles) > 0))
 
 
-def epoch_rows(views: pl.DataFrame, epoch: int, seed: int, views_per_epoch: str) -> np.ndarray:
-    """Row indices of `views` (sorted by view_id) an epoch visits, in visiting order.
+def epoch_rows(tiles: np.ndarray, epoch: int, seed: int, views_per_epoch: str) -> np.ndarray:
+    """Positions in a view selection that an epoch visits, in visiting order.
 
-    "one": each tile contributes one of its K views, drawn from (seed, epoch); "all": every view.
-    The order is a (seed, epoch) permutation, so an epoch can be replayed or resumed exactly.
+    `tiles`: the tile of each selected view, a tile's views next to each other (views are stored
+    tile by tile). "one": each tile contributes one of its K views, drawn from (seed, epoch);
+    "all": every view. The order is a (seed, epoch) permutation, so an epoch can be replayed or
+    resumed exactly.
     """
     if views_per_epoch not in VIEW_CHOICES:
         raise G2LError(f"--views-per-epoch must be one of {', '.join(VIEW_CHOICES)}.")
     rng = np.random.default_rng([seed, 1000 + epoch])
     if views_per_epoch == "all":
-        rows = np.arange(views.height)
+        rows = np.arange(len(tiles))
     else:
-        tiles = views["tile_id"].to_numpy()
         starts = np.flatnonzero(np.r_[True, tiles[1:] != tiles[:-1]])
         counts = np.diff(np.r_[starts, len(tiles)])
         rows = starts + (rng.random(len(starts)) * counts).astype(np.int64)
@@ -98,25 +111,21 @@ def epoch_rows(views: pl.DataFrame, epoch: int, seed: int, views_per_epoch: str)
 
 
 class CachedViews(Dataset):
-    """Item i: (the [0, 1] view the teacher saw, teacher embedding target, mean patch target)."""
+    """Item i: (the [0, 1] view i of the cache as the teacher saw it, embedding target, patch target).
 
-    def __init__(self, reader: CacheReader, views: pl.DataFrame, teacher_fp: str | None):
+    Items are rows of views.parquet; nothing is stored per view here (the reader's index is a
+    shared memory map), so DataLoader workers cost no memory per view."""
+
+    def __init__(self, reader: CacheReader, teacher_fp: str | None):
         self.reader = reader
         self.teacher_fp = teacher_fp
-        self.embed_dim = reader.manifest["teachers"][teacher_fp]["embed_dim"] if teacher_fp else 0
-        self.params = [ViewParams(**row) for row in
-                       views.select(list(ViewParams.__dataclass_fields__)).to_dicts()]
-        self.view_ids = views["view_id"].to_list()
-        self.tile_ids = views["tile_id"].to_list()
-        self.shards = views["shard"].to_list()
 
     def __len__(self) -> int:
-        return len(self.view_ids)
+        return self.reader.n_views
 
     def __getitem__(self, i: int):
-        view = self.reader.replay_view(self.tile_ids[i], self.shards[i], self.params[i])
+        view = self.reader.replay(i)
         if self.teacher_fp is None:
             return view, torch.zeros(0), torch.zeros(0)
-        emb, patch = self.reader.target(self.teacher_fp, self.view_ids[i], self.shards[i])
+        emb, patch = self.reader.target(self.teacher_fp, i)
         return view, torch.from_numpy(emb.astype(np.float32)), torch.from_numpy(patch.astype(np.float32))
-

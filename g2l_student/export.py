@@ -85,6 +85,7 @@ def fidelity_report(run_root: str | Path) -> dict:
 def recompute_fidelity(run: RunDir) -> dict:
     """Fidelity of the run's last checkpoint on its validation views."""
     import torch
+    from torch.utils.data import Subset
 
     from g2l_student.data import CachedViews
     from g2l_student.fidelity import measure_fidelity
@@ -100,6 +101,6 @@ def recompute_fidelity(run: RunDir) -> dict:
     student = build_student(cfg.student, cfg.img_size, dims, random_init=True)
     student.load_state_dict(_checkpoint_weights(ckpt))
     views, split = fidelity_views(data, cfg.fidelity_tiles, cfg.seed)
-    after = measure_fidelity(student, CachedViews(data.reader, views, data.teacher["fingerprint"]),
-                             torch.device("cpu"))
+    dataset = Subset(CachedViews(data.reader, data.teacher["fingerprint"]), views.tolist())
+    after = measure_fidelity(student, dataset, torch.device("cpu"))
     return {"split": split, "after": after, "after_checkpoint": ckpt.name}

@@ -12,16 +12,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
 
 from g2l_cache import CacheReader, G2LError
 from g2l_cache.layout import write_text_atomic
 from g2l_cache.teachers import TeacherSpec, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
+from g2l_cache.workers import loader_worker_init
 from g2l_student.config import FitConfig
-from g2l_student.data import CachedViews, epoch_rows, samples_per_epoch, select_views, split_by_slide
+from g2l_student.data import (CachedViews, epoch_rows, samples_per_epoch, select_views, split_by_slide,
+                              view_slides)
 from g2l_student.fidelity import measure_fidelity
 from g2l_student.losses import get_loss
 from g2l_student.model import build_student
@@ -46,39 +49,40 @@ class FitResult:
 
 
 class RunSampler(Sampler):
-    """Rows of micro-batches [start, stop) of a whole run, one epoch straight after another.
+    """Views (rows of views.parquet) of micro-batches [start, stop) of a whole run, epoch after epoch.
 
-    Epoch e visits `epoch_rows(e)` (seeded view choice and order) cut to whole batches. One
-    sampler for the whole run means no pipeline stall at epoch boundaries, and a resumed run starts
-    at its exact micro-batch without replaying the loader. With `record_to`, each epoch's draw is
-    written to record_to/epoch_NNNNNN.parquet as it is made.
+    Epoch e visits `epoch_rows(e)` (seeded view choice and order) of `views` cut to whole batches.
+    One sampler for the whole run means no pipeline stall at epoch boundaries, and a resumed run
+    starts at its exact micro-batch without replaying the loader. With `record_to`, each epoch's
+    draw is written to record_to/epoch_NNNNNN.parquet (column `view`) as it is made.
     """
 
-    def __init__(self, views: pl.DataFrame, seed: int, mode: str, batch_size: int, start: int,
-                 stop: int, record_to: Path | None = None):
-        self.views, self.seed, self.mode, self.batch_size = views, seed, mode, batch_size
-        self.start, self.stop, self.record_to = start, stop, record_to
-        self.batches_per_epoch = samples_per_epoch(views, mode) // batch_size
+    def __init__(self, views: np.ndarray, tiles: np.ndarray, seed: int, mode: str, batch_size: int,
+                 start: int, stop: int, record_to: Path | None = None):
+        self.views, self.tiles, self.seed, self.mode = views, tiles, seed, mode
+        self.batch_size, self.start, self.stop, self.record_to = batch_size, start, stop, record_to
+        self.batches_per_epoch = samples_per_epoch(tiles, mode) // batch_size
 
     def epoch_of(self, micro_batch: int) -> int:
         return micro_batch // self.batches_per_epoch
 
-    def _epoch(self, epoch: int):
-        rows = epoch_rows(self.views, epoch, self.seed, self.mode)[:self.batches_per_epoch * self.batch_size]
+    def _epoch(self, epoch: int) -> np.ndarray:
+        rows = epoch_rows(self.tiles, epoch, self.seed, self.mode)[:self.batches_per_epoch * self.batch_size]
+        drawn = self.views[rows]
         if self.record_to is not None:
             path = self.record_to / f"epoch_{epoch:06d}.parquet"
             if not path.exists():
                 self.record_to.mkdir(parents=True, exist_ok=True)
-                self.views[rows].select("view_id").write_parquet(path)
-        return rows
+                pl.DataFrame({"view": drawn}).write_parquet(path)
+        return drawn
 
     def __iter__(self):
-        epoch, rows = None, None
+        epoch, drawn = None, None
         for mb in range(self.start, self.stop):
             e, j = divmod(mb, self.batches_per_epoch)
             if e != epoch:
-                epoch, rows = e, self._epoch(e)
-            yield from rows[j * self.batch_size:(j + 1) * self.batch_size].tolist()
+                epoch, drawn = e, self._epoch(e)
+            yield from drawn[j * self.batch_size:(j + 1) * self.batch_size].tolist()
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.batch_size
@@ -86,13 +90,16 @@ class RunSampler(Sampler):
 
 @dataclass
 class FitData:
-    """The cache, the chosen teacher's targets and the train / validation views."""
+    """The cache, the chosen teacher's targets and the train / validation views (rows of views.parquet)."""
 
     reader: CacheReader
     teacher: dict
-    train: pl.DataFrame
-    val: pl.DataFrame
+    train: np.ndarray
+    val: np.ndarray
     val_slides: list[str]
+
+    def tiles_of(self, views: np.ndarray) -> np.ndarray:
+        return self.reader.view_index["tile"][views]
 
 
 def load_fit_data(cfg: FitConfig) -> FitData:
@@ -100,21 +107,35 @@ def load_fit_data(cfg: FitConfig) -> FitData:
     reader = CacheReader(cfg.cache)
     teacher = reader.teacher(cfg.teacher)
     if not teacher.get("complete"):
-        raise G2LError(f"teacher {teacher['fingerprint']} has targets for only {teacher.get('n_targets')} "
-                       f"of {reader.manifest['counts']['views']} views; finish `g2l cache build` first.")
+        raise G2LError(partial_cache_message(reader, teacher))
     views = select_views(reader, cfg.slides, cfg.where)
-    train_ids, val_ids = split_by_slide(views["slide_id"].unique().to_list(), cfg.val_fraction, cfg.seed)
-    train = views.filter(pl.col("slide_id").is_in(train_ids))
-    val = views.filter(pl.col("slide_id").is_in(val_ids))
-    return FitData(reader, teacher, train, val, val_ids)
+    slide_of = view_slides(reader, views)
+    names = reader.slides()["slide_id"].to_numpy()
+    present = np.unique(slide_of)
+    train_ids, val_ids = split_by_slide(names[present].tolist(), cfg.val_fraction, cfg.seed)
+    is_val = np.isin(slide_of, np.flatnonzero(np.isin(names, val_ids)))
+    return FitData(reader, teacher, views[~is_val], views[is_val], val_ids)
 
 
-def fidelity_views(data: FitData, n_tiles: int, seed: int) -> tuple[pl.DataFrame, str]:
+def partial_cache_message(reader: CacheReader, teacher: dict) -> str:
+    """Which teacher lacks targets, for which slides, and the command that finishes them."""
+    missing = teacher.get("missing_slides", [])
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    spec = teacher["spec"]
+    extra = (f" --teacher-weights {spec['weights']}" if spec.get("weights") else "") + \
+        (" --random-init" if spec.get("random_init") else "")
+    return (f"teacher {teacher['fingerprint']} has targets for only {teacher.get('n_targets')} of "
+            f"{reader.manifest['counts']['views']} views; slides without all their targets: "
+            f"{shown or 'none recorded'}. Finish them with `g2l cache build --out {reader.layout.root} "
+            f"--teacher {spec['name']}{extra}` (the slides and options default to the cache's).")
+
+
+def fidelity_views(data: FitData, n_tiles: int, seed: int) -> tuple[np.ndarray, str]:
     """View 0 of up to n validation tiles (training tiles when there is no validation split)."""
-    split, views = ("validation", data.val) if data.val.height else ("training", data.train)
-    first = views.filter(pl.col("view_index") == 0)
-    if first.height > n_tiles:
-        first = first.sample(n_tiles, seed=seed).sort("view_id")
+    split, views = ("validation", data.val) if len(data.val) else ("training", data.train)
+    first = views[data.reader.view_index["k"][views] == 0]
+    if len(first) > n_tiles:
+        first = np.sort(np.random.default_rng(seed).choice(first, n_tiles, replace=False))
     return first, split
 
 
@@ -170,8 +191,9 @@ def fit(cfg: FitConfig) -> FitResult:
         raise error
     if not run.run_json.exists():
         raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
-    train_set = CachedViews(data.reader, data.train, data.teacher["fingerprint"])
-    per_epoch = samples_per_epoch(data.train, cfg.views_per_epoch)
+    train_set = CachedViews(data.reader, data.teacher["fingerprint"])
+    train_tiles = data.tiles_of(data.train)
+    per_epoch = samples_per_epoch(train_tiles, cfg.views_per_epoch)
     batches_per_epoch = per_epoch // cfg.batch_size
     if batches_per_epoch < cfg.grad_accum:
         raise G2LError(f"the training split has {per_epoch} samples per epoch, fewer than one step "
@@ -188,7 +210,7 @@ def fit(cfg: FitConfig) -> FitResult:
             accelerator.register_for_checkpointing(obj)
     loss_fn = get_loss(cfg.loss, cfg.alpha)
     fid_views, fid_split = fidelity_views(data, cfg.fidelity_tiles, cfg.seed)
-    fid_set = CachedViews(data.reader, fid_views, data.teacher["fingerprint"])
+    fid_set = Subset(train_set, fid_views.tolist())
 
     # --- resume or start ----------------------------------------------------------------------
     checkpoint = run.last_checkpoint() if cfg.resume else None
@@ -202,7 +224,7 @@ def fit(cfg: FitConfig) -> FitResult:
     accelerator.wait_for_everyone()
 
     # --- the training loop --------------------------------------------------------------------
-    sampler = RunSampler(data.train, cfg.seed, cfg.views_per_epoch, cfg.batch_size,
+    sampler = RunSampler(data.train, train_tiles, cfg.seed, cfg.views_per_epoch, cfg.batch_size,
                          start=state.micro_batch, stop=total * cfg.grad_accum,
                          record_to=run.epochs if main else None)
     loader = accelerator.prepare(DataLoader(
@@ -300,9 +322,11 @@ def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:
 def _worker_kwargs(num_workers: int, use_cpu: bool) -> dict:
     if num_workers == 0:
         return {"num_workers": 0, "pin_memory": not use_cpu}
-    # forkserver: workers never share the parent's LMDB handles; persistent: no restart per epoch.
+    # forkserver: workers never inherit the parent's threads or handles; persistent: no restart
+    # per epoch; the init makes them exit with the main process.
     return {"num_workers": num_workers, "pin_memory": not use_cpu, "persistent_workers": True,
-            "multiprocessing_context": "forkserver", "prefetch_factor": 4}
+            "multiprocessing_context": "forkserver", "prefetch_factor": 4,
+            "worker_init_fn": loader_worker_init()}
 
 
 def _save_checkpoint(accelerator, run: RunDir, step: int, keep: int, ema: EMA | None) -> None:

@@ -12,7 +12,8 @@ import pytest
 
 from g2l_cache.build import BuildConfig, run_build
 from g2l_cache.demo_slides import write_demo_slides
-from g2l_cache.store import iter_prefix, shared_env
+from g2l_cache.reader import CacheReader
+from g2l_cache.store import bits_from_bytes, close_env, iter_prefix, shared_env
 
 TEACHER = "vit_tiny_patch16_224"
 SMALL = dict(teacher=TEACHER, random_init=True, tile_size=64, crop_size=48, views=2,
@@ -38,13 +39,47 @@ def built_cache(tmp_path_factory, demo_dir) -> Path:
     return out
 
 
-def cache_items(root: Path) -> dict[bytes, bytes]:
-    """Every key/value pair of every shard, regardless of which shard holds it."""
-    items = {}
-    for shard in sorted((Path(root) / "shards").glob("*.lmdb")):
-        for k, v in iter_prefix(shared_env(shard), b""):
-            items[bytes(k)] = bytes(v)
-    return items
+LOCATION_COLUMNS = ["shard", "offset", "length", "crc32", "tile_index", "target_row"]
+
+
+def cache_content(root: Path) -> dict:
+    """Every tile's bytes, every view's targets and every table row, keyed by ids: equal for two
+    caches that hold the same data wherever in their files it sits."""
+    reader = CacheReader(str(root))
+    tiles, views = reader.tiles(), reader.views()
+    out: dict = {("tile", t): reader.tile_bytes(i) for i, t in enumerate(tiles["tile_id"].to_list())}
+    for fp in reader.manifest["teachers"]:
+        for i, v in enumerate(views["view_id"].to_list()):
+            emb, patch = reader.target(fp, i)
+            out[("target", fp, v)] = emb.tobytes() + patch.tobytes()
+    out["tiles"] = tiles.drop(LOCATION_COLUMNS, strict=False).sort("tile_id").rows()
+    out["views"] = views.drop(LOCATION_COLUMNS, strict=False).sort("view_id").rows()
+    out["slides"] = reader.slides().drop("shard").sort("slide_id").rows()
+    reader.close()
+    return out
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """A hash of every file of a cache but the manifest (its `updated` time) and LMDB lock files."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and p.name not in ("manifest.json", "lock.mdb")}
+
+
+def committed_targets(root: Path) -> int:
+    """Targets committed so far in every shard of a cache (also one being built by another process)."""
+    total = 0
+    for index in sorted((Path(root) / "shards").glob("*/index.lmdb")):
+        if not (index / "data.mdb").exists():
+            continue
+        try:
+            for _, value in iter_prefix(shared_env(index.parent), b"done/"):
+                total += int(bits_from_bytes(bytes(value[:-4]), 8 * (len(value) - 4)).sum())
+        finally:
+            close_env(index.parent)
+    return total
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -5,16 +5,17 @@ import shutil
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
-from conftest import cache_items, run_cli, small_config
+from conftest import file_digests, run_cli, small_config
 from g2l_cache.build import run_build
 from g2l_cache.inspect import cache_info, verify_cache
 from g2l_cache.reader import CacheReader
-from g2l_cache.store import close_env, shared_env, target_key
 from g2l_cache.teachers import TeacherSpec, load_teacher
 from g2l_cache.tiling import TilingConfig
-from g2l_cache.views import ViewParams, sample_view
+from g2l_cache.errors import G2LError
+from g2l_cache.views import ViewParams, apply_view, sample_view
 from g2l_cache.work import ChunkDataset
 
 
@@ -51,7 +52,7 @@ def test_mpp_is_read_from_the_slide_and_tiles_cover_the_right_area(built_cache):
 
 def test_replayed_view_equals_the_teacher_input_bit_for_bit(built_cache):
     reader = CacheReader(str(built_cache))
-    views = reader.views()
+    views = reader.views().with_row_index("row")
     slide_id = views["slide_id"][0]
     rows = views.filter(pl.col("slide_id") == slide_id).head(8).to_dicts()
     settings = reader.manifest["settings"]
@@ -60,15 +61,17 @@ def test_replayed_view_equals_the_teacher_input_bit_for_bit(built_cache):
                       TilingConfig(**settings["tiling"]), reader.policy, 2, 0, "jpeg", 95)
     item = ds[0]
     assert item["error"] is None and item["new_tiles"] == []
-    assert item["view_ids"] == [r["view_id"] for r in rows]
+    assert item["indices"].tolist() == [r["row"] for r in rows] == list(range(8))
     for i, row in enumerate(rows):
-        assert torch.equal(item["views"][i], reader.replay(row))
+        assert torch.equal(item["views"][i], reader.replay(row["row"]))
+        assert torch.equal(item["views"][i], apply_view(reader.tile_pixels(row["tile_index"]),
+                                                        ViewParams.from_dict(row)))
     # and the stored target is the teacher's output on that input (fp16 storage)
     info = reader.teacher()
     teacher = load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"])
-    emb, patch = teacher.embed(torch.stack([reader.replay(r) for r in rows]))
+    emb, patch = teacher.embed(torch.stack([reader.replay(r["row"]) for r in rows]))
     for i, row in enumerate(rows):
-        s_emb, s_patch = reader.target(info["fingerprint"], row["view_id"], row["shard"])
+        s_emb, s_patch = reader.target(info["fingerprint"], row["row"])
         np.testing.assert_allclose(s_emb.astype(np.float32), emb[i].numpy(), atol=2e-3, rtol=2e-3)
         np.testing.assert_allclose(s_patch.astype(np.float32), patch[i].numpy(), atol=2e-3, rtol=2e-3)
 
@@ -90,16 +93,19 @@ def test_verify_passes_then_catches_a_corrupted_value(built_cache, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(built_cache, bad)
     reader = CacheReader(str(bad))
-    row = reader.views().row(0, named=True)
-    key = target_key(reader.teacher()["fingerprint"], row["view_id"])
-    env = shared_env(reader.layout.shard(row["shard"]), write=True)
-    with env.begin(write=True) as txn:
-        value = bytearray(txn.get(key))
-        value[3] ^= 0xFF  # flip bits inside the payload, keep the stored checksum
-        txn.put(key, bytes(value))
-    close_env(reader.layout.shard(row["shard"]))
+    view = 5
+    info = reader.teacher()
+    shard = int(reader.tile_index[reader.view_index[view]["tile"]]["shard"])
+    stride = 2 * (info["embed_dim"] + info["patch_dim"]) + 4
+    with open(reader.layout.targets_file(shard, info["fingerprint"]), "r+b") as fh:
+        fh.seek(int(reader.view_index[view]["row"]) * stride + 3)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))  # flip bits inside the payload, keep the stored checksum
     problems = verify_cache(str(bad))["problems"]
-    assert len(problems) == 1 and "checksum mismatch" in problems[0] and row["view_id"] in problems[0]
+    assert len(problems) == 1 and "checksum mismatch" in problems[0] and f"view {view} " in problems[0]
+    with pytest.raises(G2LError, match="checksum mismatch"):
+        reader.target(info["fingerprint"], view)
     out = run_cli("cache", "verify", str(bad))
     assert out.returncode == 1 and "checksum mismatch" in out.stdout
 
@@ -119,10 +125,10 @@ def test_mpp_override_and_csv(demo_dir, tmp_path):
 
 
 def test_resume_of_a_complete_cache_writes_nothing(built_cache, demo_dir):
-    before = cache_items(built_cache)
+    before = file_digests(built_cache)
     summary = run_build(small_config(built_cache, [demo_dir]))
     assert summary.targets_written == 0
-    assert cache_items(built_cache) == before
+    assert file_digests(built_cache) == before
 
 
 def test_png_tiles_are_lossless(demo_dir, tmp_path):
@@ -131,7 +137,7 @@ def test_png_tiles_are_lossless(demo_dir, tmp_path):
                            max_tiles_per_slide=2))
     reader = CacheReader(str(out))
     row = reader.tiles().row(0, named=True)
-    assert reader.tile_bytes(row["tile_id"], row["shard"])[:4] == b"\x89PNG"
+    assert reader.tile_bytes(0)[:4] == b"\x89PNG"
     from g2l_cache.slides import open_slide, SlideSpec
     from g2l_cache.tiling import TileRecord, read_tile
 
@@ -139,7 +145,7 @@ def test_png_tiles_are_lossless(demo_dir, tmp_path):
     slide = open_slide(SlideSpec(slide_row["slide_id"], slide_row["path"]))
     raw = read_tile(slide, TileRecord(row["tile_id"], row["x"], row["y"], row["size0"], 1.0),
                     TilingConfig(tile_size=64))
-    assert np.array_equal(reader.tile_pixels(row["tile_id"], row["shard"]), raw)
+    assert np.array_equal(reader.tile_pixels(0), raw)
 
 
 

@@ -79,7 +79,8 @@ def test_fit_writes_a_complete_run_and_learns(trained):
     # each epoch's seeded draw is recorded: 2 batches of 8 views, at most one view per tile
     epochs = sorted(run.epochs.glob("epoch_*.parquet"))
     assert len(epochs) == 20
-    drawn = [pl.read_parquet(p)["view_id"].to_list() for p in epochs]
+    view_ids = pl.read_parquet(Path(run.info()["cache"]) / "views.parquet")["view_id"].to_numpy()
+    drawn = [view_ids[pl.read_parquet(p)["view"].to_numpy()].tolist() for p in epochs]
     assert all(len(d) == 16 and len({v.split("#")[0] for v in d}) == 16 for d in drawn)
     assert drawn[0] != drawn[1]
     assert json.loads(run.run_json.read_text())["status"] == "finished"
@@ -87,13 +88,13 @@ def test_fit_writes_a_complete_run_and_learns(trained):
 
 def test_student_input_is_the_replayed_teacher_input(built_cache):
     reader = CacheReader(str(built_cache))
-    views = select_views(reader)
-    ds = CachedViews(reader, views, reader.teacher()["fingerprint"])
+    fp = reader.teacher()["fingerprint"]
+    ds = CachedViews(reader, fp)
+    assert len(ds) == reader.views().height and np.array_equal(select_views(reader), np.arange(len(ds)))
     for i in (0, 7, 23):
         view, t_emb, _ = ds[i]
-        row = views.row(i, named=True)
-        assert torch.equal(view, reader.replay(row))
-        emb, _ = reader.target(reader.teacher()["fingerprint"], row["view_id"], row["shard"])
+        assert torch.equal(view, reader.replay(i))
+        emb, _ = reader.target(fp, i)
         assert torch.equal(t_emb, torch.from_numpy(emb.astype(np.float32)))
     student = build_student("vit_tiny_patch16_224", 48, {"cls": 192}, random_init=True)
     x = ds[0][0][None]
@@ -198,10 +199,16 @@ def test_subsets_by_where_and_slide_list(built_cache, tmp_path):
     reader = CacheReader(str(built_cache))
     slide = sorted(reader.slides()["slide_id"].to_list())[0]
     only = select_views(reader, where=f"slide_id = '{slide}'")
-    assert set(only["slide_id"]) == {slide}
+    views = reader.views()
+    assert set(views["slide_id"].to_numpy()[only]) == {slide}
+    assert len(only) == (views["slide_id"] == slide).sum()
     lst = tmp_path / "slides.txt"
     lst.write_text(f"{slide}\n")
-    assert select_views(reader, slides_file=str(lst))["view_id"].to_list() == only["view_id"].to_list()
+    assert np.array_equal(select_views(reader, slides_file=str(lst)), only)
+    # tile and slide columns are joined for --where
+    inner = select_views(reader, where=f"slide_id = '{slide}' AND tissue_fraction >= 0.9 AND mpp_source = 'slide'")
+    assert set(inner) <= set(only)
+    assert (views[inner.tolist()].join(reader.tiles(), on="tile_id")["tissue_fraction"] >= 0.9).all()
     with pytest.raises(G2LError, match="not a valid condition"):
         select_views(reader, where="no_such_column > 3")
     lst.write_text("ghost-slide\n")

@@ -97,9 +97,11 @@ def load_embedding_model(model: str, random_init: bool = False, weights: str | N
 
 
 def _cache_mpp(cache: str | None) -> float:
+    from g2l_cache import CacheReader
+
     try:
-        return float(json.loads((Path(cache) / "manifest.json").read_text())["settings"]["tiling"]["mpp"])
-    except (OSError, TypeError, KeyError, ValueError):
+        return float(CacheReader(cache).manifest["settings"]["tiling"]["mpp"])
+    except (G2LError, TypeError, KeyError, ValueError):
         return 0.5
 
 

@@ -1,0 +1,46 @@
+"""DataLoader worker set-up shared by both stages: one thread each, and no worker outlives its run."""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+
+import torch
+
+WATCH_SECONDS = 1.0
+
+
+def loader_worker_init() -> functools.partial:
+    """A worker_init_fn for DataLoaders started from this process."""
+    return functools.partial(_init_worker, os.getpid())
+
+
+def _init_worker(main_pid: int, _worker_id: int) -> None:
+    torch.set_num_threads(1)
+    # A forkserver worker's parent is the fork server, not the main process, so PyTorch's own
+    # parent check never fires when the main process is killed (kill -9, OOM killer, preemption):
+    # the worker would live on holding its memory. Watch the main process itself.
+    threading.Thread(target=_exit_when_gone, args=(main_pid,), name="g2l-watchdog", daemon=True).start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    while _alive(pid):
+        time.sleep(WATCH_SECONDS)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -127,7 +127,7 @@ def shard_of(slide_id: str, n_shards: int) -> int:
     return int.from_bytes(digest, "little") % n_shards
 
 
-def _prepare_cache(cfg: BuildConfig, world_size: int) -> dict:
+def prepare_cache(cfg: BuildConfig) -> dict:
     """Create a new cache or check that an existing one has the same settings; return its manifest."""
     layout = CacheLayout(cfg.out)
     if layout.root.exists() and not layout.root.is_dir():
@@ -201,7 +201,7 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     error = None
     if dist.is_main:
         try:
-            _prepare_cache(cfg, dist.world_size)
+            prepare_cache(cfg)
         except G2LError as exc:
             error = exc
     dist.barrier()

@@ -328,6 +328,11 @@ class ShardWriter:
         for run_rows, run_views in zip(np.split(rows, breaks), np.split(view_indices, breaks)):
             os.pwrite(fd, run_rows.tobytes(), (row_start + int(run_views[0])) * stride)
         placed = []
+        if new_tiles:
+            # This process is the shard's only writer, so the stored locations are current: a tile
+            # that two batches both read from the slide (its views split over them) is stored once.
+            stored = self.tile_locations(slide_id)["offset"] >= 0
+            new_tiles = [(t, data) for t, data in dict(new_tiles).items() if not stored[t]]
         for tile_index, data in new_tiles:
             os.pwrite(self.tiles_fd, data, self.tile_end)
             placed.append((tile_index, self.tile_end, len(data), zlib.crc32(data)))
@@ -342,8 +347,7 @@ class ShardWriter:
             if placed:
                 tloc = np.frombuffer(self._get(txn, tloc_key(slide_id)), dtype=TLOC_DTYPE).copy()
                 for tile_index, offset, length, crc in placed:
-                    if tloc["offset"][tile_index] < 0:  # two batches may carry the same new tile
-                        tloc[tile_index] = (offset, length, crc)
+                    tloc[tile_index] = (offset, length, crc)
                 txn.put(tloc_key(slide_id), pack(tloc.tobytes()))
                 txn.put(META_TILE_BYTES, pack(str(tile_end).encode()))
             key = done_key(slide_id, teacher_fp)

@@ -175,3 +175,14 @@ def test_plain_png_slide_needs_and_takes_an_mpp(tmp_path):
     reader = CacheReader(str(out))
     assert reader.slides()["status"].to_list() == ["ok"] and reader.tiles().height == 3
     assert reader.policy.tile_size == 64 and reader.views_per_tile == 2
+
+
+def test_a_tile_whose_views_span_two_batches_is_stored_once(demo_dir, tmp_path):
+    out = tmp_path / "odd"
+    run_build(small_config(out, [sorted(demo_dir.glob("*.tif"))[0]], views=2, batch_size=3,
+                           max_tiles_per_slide=6))
+    reader = CacheReader(str(out))
+    tiles = reader.tiles()
+    (blob,) = out.glob("shards/*/tiles.bin")
+    assert blob.stat().st_size == tiles["length"].sum() and tiles["offset"].n_unique() == tiles.height
+    assert verify_cache(str(out))["problems"] == []

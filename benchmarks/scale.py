@@ -14,6 +14,7 @@ linearly to 8 M views, the real workload (1,000 slides x 2,000 tiles x K = 4).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -82,7 +83,9 @@ def write_synthetic_cache(out: Path, n_views: int, teacher) -> dict:
     writers: dict[int, ShardWriter] = {}
     specs, raw_tile_bytes, t0, plan_s = [], 0, time.perf_counter(), 0.0
     for s in range(n_slides):
-        sid = f"synthetic-{s:05d}"
+        # TCGA-length ids (60 characters): string columns cost what they cost on real slides.
+        digest = hashlib.md5(str(s).encode()).hexdigest().upper()
+        sid = f"TCGA-S{s:04d}-01Z-00-DX1.{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:]}"
         n_tiles = TILES_PER_SLIDE if s < n_slides - 1 else n_tiles_total - TILES_PER_SLIDE * (n_slides - 1)
         shard = shard_of(sid, cfg.shards)
         writer = writers.setdefault(shard, ShardWriter(layout.shard(shard)))

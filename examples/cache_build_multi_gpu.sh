@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage one on one node with 4 GPUs (slides are sharded over processes; one LMDB shard each).
+# Stage one on one node with 4 GPUs (the cache's 64 shards are shared round-robin by the processes).
 # For several nodes, run the same command on each node with --nnodes/--node_rank/--rdzv_endpoint.
 set -euo pipefail
 SLIDES=${SLIDES:-/data/tcga-brca/slides}

@@ -223,6 +223,7 @@ def measure_fit(cache: Path, work: Path, workers: int, steps: int = 40) -> dict:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peaks = {"main_pss": 0, "main_rss": 0, "workers_pss": 0, "workers_rss_max": 0, "total_pss": 0}
     steady: list[tuple[int, int, int]] = []  # (main, workers, total) PSS once training runs
+    per_child: dict[int, int] = {}  # peak PSS of each child process (fork server and workers)
     first_row_at = None
     metrics = out / "metrics.csv"
     stop = threading.Event()
@@ -236,6 +237,8 @@ def measure_fit(cache: Path, work: Path, workers: int, steps: int = 40) -> dict:
                 kids = []
             m_pss, m_rss = _pss_rss(proc.pid)
             w = [_pss_rss(k.pid) for k in kids]
+            for k, (pss, _) in zip(kids, w):
+                per_child[k.pid] = max(per_child.get(k.pid, 0), pss)
             peaks["main_pss"] = max(peaks["main_pss"], m_pss)
             peaks["main_rss"] = max(peaks["main_rss"], m_rss)
             peaks["workers_pss"] = max(peaks["workers_pss"], sum(p for p, _ in w))
@@ -267,6 +270,7 @@ def measure_fit(cache: Path, work: Path, workers: int, steps: int = 40) -> dict:
     return {**{f"peak_{k}": v for k, v in peaks.items()}, "steady_main_pss": float(med[0]),
             "steady_workers_pss": float(med[1]), "steady_total_pss": float(med[2]),
             "steady_samples": len(steady), "startup_s": startup,
+            "peak_pss_per_child": sorted(per_child.values(), reverse=True),
             "speed": speed[-1].strip() if speed else None}
 
 

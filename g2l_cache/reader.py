@@ -53,6 +53,11 @@ class CacheReader:
         if self._pid != os.getpid():
             self._views = np.load(self.layout.view_index, mmap_mode="r")
             self._tiles = np.load(self.layout.tile_index, mmap_mode="r")
+            counts = self.manifest.get("counts", {})
+            if (len(self._views), len(self._tiles)) != (counts.get("views"), counts.get("tiles")):
+                # A build extending the cache replaced the tables after this manifest was read.
+                raise G2LError(f"{self.layout.root} changed while it was opened (a build is finishing "
+                               "it); open it again.")
             self._fds: dict = {}
             self._pid = os.getpid()
 

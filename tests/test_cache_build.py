@@ -186,3 +186,13 @@ def test_a_tile_whose_views_span_two_batches_is_stored_once(demo_dir, tmp_path):
     (blob,) = out.glob("shards/*/tiles.bin")
     assert blob.stat().st_size == tiles["length"].sum() and tiles["offset"].n_unique() == tiles.height
     assert verify_cache(str(out))["problems"] == []
+
+
+def test_tables_that_do_not_match_the_manifest_are_refused(built_cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(built_cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["counts"]["views"] += 1  # as if a build replaced the tables after this manifest
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(G2LError, match="changed while it was opened"):
+        CacheReader(str(copy)).replay(0)

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from g2l_cache.errors import G2LError
 from cli.common import console, data_wait_text, handle_errors, load_toml, merge_options
 
 app = typer.Typer(help="Stage two: train the student against a cache, export it, report fidelity.",
@@ -21,8 +22,13 @@ def fit(
     cache: Optional[Path] = typer.Argument(None, help="Cache folder written by `g2l cache build`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (new, or --resume / --overwrite)."),
     student: Optional[str] = typer.Option(None, help="timm architecture (default vit_large_patch14_reg4_dinov2)."),
-    student_weights: Optional[Path] = typer.Option(None, help="Initial weights (.safetensors; common "
-                                                   "checkpoint layouts are mapped to timm keys)."),
+    student_weights: Optional[Path] = typer.Option(None, help="Initial weights: a .safetensors file (common "
+                                                   "checkpoint layouts are mapped to timm keys), or a "
+                                                   "transformers DINOv2 checkpoint (folder or hub id, e.g. "
+                                                   "histai/hibou-L) mapped onto the timm ViT."),
+    student_mean: Optional[str] = typer.Option(None, help="Student input mean R,G,B (default: the weights' "
+                                               "preprocessor_config.json, else timm's)."),
+    student_std: Optional[str] = typer.Option(None, help="Student input std R,G,B (default as for the mean)."),
     random_init: bool = typer.Option(False, "--random-init", help="Random student weights."),
     head_weights: Optional[Path] = typer.Option(None, help="Projection heads from an earlier export (head.safetensors)."),
     img_size: Optional[int] = typer.Option(None, help="Student input size; views are resized to it (default 224)."),
@@ -69,6 +75,8 @@ def fit(
     p = lambda v: str(v) if v else None  # noqa: E731
     values = merge_options(load_toml(config, "fit"), cache=p(cache), out=p(out), student=student,
                            student_weights=p(student_weights), random_init=random_init,
+                           student_mean=_triple(student_mean, "--student-mean"),
+                           student_std=_triple(student_std, "--student-std"),
                            head_weights=p(head_weights), img_size=img_size, teacher=teacher,
                            steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, warmup_steps=warmup_steps, loss=loss,
@@ -129,3 +137,16 @@ def report(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     from g2l_student.export import fidelity_report
 
     _print_fidelity(fidelity_report(run))
+
+
+def _triple(text: str | None, option: str) -> list[float] | None:
+    """'0.7,0.58,0.7' -> [0.7, 0.58, 0.7]."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise G2LError(f"{option} takes three numbers separated by commas, got {text!r}.") from None
+    if len(values) != 3:
+        raise G2LError(f"{option} takes three numbers (R,G,B), got {text!r}.")
+    return values

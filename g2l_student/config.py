@@ -22,6 +22,9 @@ class FitConfig:
     student_weights: str | None = None
     random_init: bool = False
     head_weights: str | None = None
+    # The student's input normalisation; None: from the weights (preprocessor_config.json) or timm.
+    student_mean: list[float] | None = None
+    student_std: list[float] | None = None
     img_size: int = 224
     teacher: str | None = None  # which of the cache's teachers (fingerprint or name)
     steps: int | None = None
@@ -76,6 +79,11 @@ class FitConfig:
             raise G2LError("--early-stop takes 'g2l' (or nothing).")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise G2LError("--ema-decay must be in (0, 1).")
+        for name in ("student_mean", "student_std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "student_std" and min(value) <= 0)):
+                raise G2LError(f"--{name.replace('_', '-')} takes three values (R,G,B)"
+                               f"{', all positive' if name == 'student_std' else ''}, got {value}.")
         if self.resume and self.overwrite:
             raise G2LError("give --resume or --overwrite, not both.")
 

@@ -55,8 +55,8 @@ def export_run(run_root: str | Path, checkpoint: str | Path | None = None) -> Pa
         "architecture": cfg.student, "num_classes": 0,
         "model_args": {"img_size": cfg.img_size},
         "pretrained_cfg": {"input_size": [3, cfg.img_size, cfg.img_size],
-                           "mean": list(pcfg.get("mean", (0.485, 0.456, 0.406))),
-                           "std": list(pcfg.get("std", (0.229, 0.224, 0.225))),
+                           "mean": list(cfg.student_mean or pcfg.get("mean", (0.485, 0.456, 0.406))),
+                           "std": list(cfg.student_std or pcfg.get("std", (0.229, 0.224, 0.225))),
                            "interpolation": "bicubic", "crop_pct": 1.0},
         "g2l": {"checkpoint": ckpt.name, "cache": info["cache"],
                 "cache_fingerprint": info["cache_fingerprint"], "target": cfg.target,
@@ -98,7 +98,8 @@ def recompute_fidelity(run: RunDir) -> dict:
         raise G2LError(f"{run.root} has no checkpoint yet; nothing to report.")
     data = load_fit_data(cfg)
     dims = head_dims(cfg.target, data.teacher["embed_dim"], data.teacher["patch_dim"])
-    student = build_student(cfg.student, cfg.img_size, dims, random_init=True)
+    student = build_student(cfg.student, cfg.img_size, dims, random_init=True, mean=cfg.student_mean,
+                            std=cfg.student_std)
     student.load_state_dict(_checkpoint_weights(ckpt))
     views, split = fidelity_views(data, cfg.fidelity_tiles, cfg.seed)
     dataset = Subset(CachedViews(data.reader, data.teacher["fingerprint"]), views.tolist())

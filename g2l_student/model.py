@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,29 +96,48 @@ class Student(nn.Module):
 
 
 def build_student(arch: str, img_size: int, head_dims: dict[str, int], weights: str | None = None,
-                  random_init: bool = False, head_weights: str | None = None) -> Student:
-    """Create the student backbone (timm) and one head per target kind in `head_dims`."""
+                  random_init: bool = False, head_weights: str | None = None,
+                  mean: list[float] | None = None, std: list[float] | None = None) -> Student:
+    """Create the student backbone (timm) and one head per target kind in `head_dims`.
+
+    `weights`: a timm-layout weights file, or a transformers DINOv2 checkpoint (folder, its weights
+    file, or hub id such as histai/hibou-L) mapped onto the timm ViT. Mean/std: `mean`/`std` if
+    given, else the checkpoint's preprocessor_config.json, else timm's pretrained config."""
     import timm
+
+    from g2l_student.hf_dinov2 import hf_checkpoint_folder, load_hf_student
 
     kwargs = {"num_classes": 0}
     if any(k in arch for k in ("vit", "deit", "eva", "beit")):
         kwargs["img_size"] = img_size
     if weights and random_init:
         raise G2LError("give either --student-weights or --random-init, not both.")
-    if weights:
+    cfg = timm.get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    own_mean, own_std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    hf = None
+    if weights and (Path(weights).exists() or not _is_weights_file_name(str(weights))):
+        hf = hf_checkpoint_folder(str(weights))  # a folder, a file in one, or a hub id
+    if hf is not None:
+        converted = load_hf_student(hf, img_size, str(weights) if Path(weights).is_file() else None)
+        backbone = create_timm_model(arch, state_dict=converted.state_dict, what="student",
+                                     **{**kwargs, **converted.timm_kwargs})
+        own_mean, own_std = converted.mean or own_mean, converted.std or own_std
+    elif weights:
         backbone = create_timm_model(arch, state_dict=load_state_dict_file(weights), what="student",
                                      **kwargs)
     elif random_init:
         backbone = create_timm_model(arch, what="student", **kwargs)
     else:
         backbone = create_timm_model(arch, hf_hub_id=f"timm/{arch}", what="student", **kwargs)
-    cfg = timm.get_pretrained_cfg(arch)
-    cfg = cfg.to_dict() if cfg is not None else {}
-    student = Student(backbone, arch, img_size, cfg.get("mean", (0.485, 0.456, 0.406)),
-                      cfg.get("std", (0.229, 0.224, 0.225)), head_dims)
+    student = Student(backbone, arch, img_size, mean or own_mean, std or own_std, head_dims)
     if head_weights:
         load_heads(student, head_weights)
     return student
+
+
+def _is_weights_file_name(name: str) -> bool:
+    return name.endswith((".safetensors", ".pth", ".pt", ".bin", ".ckpt"))
 
 
 def load_heads(student: Student, path: str) -> None:

@@ -176,7 +176,10 @@ def fit(cfg: FitConfig) -> FitResult:
     dims = head_dims(cfg.target, teacher.embed_dim if teacher else data.teacher["embed_dim"],
                      teacher.patch_dim if teacher else data.teacher["patch_dim"])
     student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
-                            cfg.head_weights)
+                            cfg.head_weights, cfg.student_mean, cfg.student_std)
+    # Recorded in config.toml and the export: the normalisation this student was trained with.
+    cfg.student_mean = [round(float(v), 6) for v in student.mean.flatten()]
+    cfg.student_std = [round(float(v), 6) for v in student.std.flatten()]
     # The run folder is touched only once every input has been checked.
     run = RunDir(cfg.out)
     cache_fp = cache_fingerprint(data.reader.manifest, data.teacher["fingerprint"])

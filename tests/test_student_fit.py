@@ -71,6 +71,9 @@ def test_fit_writes_a_complete_run_and_learns(trained):
     assert [p.name for p in run.list_checkpoints()] == ["step_00000035", "step_00000040"]
     assert (run.checkpoints / "step_00000040" / "model.safetensors").exists()
     assert RunDir(out).read_config()["steps"] == 40
+    # the normalisation the student was trained with is recorded (vit_tiny's own, 0.5) and exported
+    assert RunDir(out).read_config()["student_mean"] == [0.5, 0.5, 0.5]
+    assert json.loads((out / "export" / "config.json").read_text())["pretrained_cfg"]["std"] == [0.5] * 3
     fid = json.loads(run.fidelity.read_text())
     assert fid["split"] == "validation" and len(fid["val_slides"]) == 1
     assert fid["after"]["cosine"] > fid["before"]["cosine"] + 0.2
@@ -239,6 +242,10 @@ def test_bad_inputs_are_clear_errors(built_cache, demo_dir, tmp_path):
         fit(fit_config(built_cache, tmp_path / "r", head_weights=str(heads)))
     with pytest.raises(G2LError, match="batch-size"):
         fit(fit_config(built_cache, tmp_path / "r", batch_size=0))
+    with pytest.raises(G2LError, match="student-std takes three values"):
+        fit(fit_config(built_cache, tmp_path / "r", student_std=[0.2, 0.0, 0.2]))
+    bad = CliRunner().invoke(app, _cli_args(built_cache, tmp_path / "r", {**TINY, "student_mean": "0.5,0.5"}))
+    assert bad.exit_code == 2 and "--student-mean takes three numbers" in bad.output
 
 
 def test_output_folder_rules_and_changed_cache(built_cache, demo_dir, tmp_path):

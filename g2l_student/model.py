@@ -26,18 +26,15 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
+        # Two passes (mean, then squared deviations from it) instead of E[x^2] - E[x]^2: features
+        # with a large offset (mean 30, sd 0.05) keep their variance in float32.
         x32 = x.float()
-        stats = torch.cat([x32.sum(0), (x32 * x32).sum(0),
-                           torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            from torch.distributed.nn.functional import all_reduce
-
-            stats = all_reduce(stats)
+        sums = _global_sum(torch.cat([x32.sum(0), torch.tensor([x.shape[0]], dtype=torch.float32,
+                                                                device=x.device)]))
         d = x.shape[1]
-        n = stats[-1]
-        mean = stats[:d] / n
-        var = (stats[d:2 * d] / n - mean * mean).clamp_min(0)
+        n = sums[-1]
+        mean = sums[:d] / n
+        var = _global_sum(((x32 - mean) ** 2).sum(0)) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum
@@ -45,6 +42,16 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
         y = (x32 - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
         return y.to(x.dtype)
+
+
+def _global_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (differentiable), or t itself when alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(t)
+    return t
 
 
 def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:

@@ -10,7 +10,7 @@ from g2l_cache import G2LError
 from g2l_student.data import epoch_rows, samples_per_epoch, split_by_slide
 from g2l_student.losses import get_loss, logsum_loss
 from g2l_student.model import GlobalBatchNorm1d
-from g2l_student.optim import build_optimizer
+from g2l_student.optim import build_optimizer, no_decay_names
 from g2l_student.schedule import EMA, G2LEarlyStop, cosine_with_warmup
 from g2l_student.similarity import knn_overlap, linear_cka, mean_cosine
 
@@ -155,3 +155,29 @@ def test_similarity_measures_on_hand_checked_inputs():
         linear_cka(np.array([[np.nan, 1], [1, 1]]), a[:2])
     with pytest.raises(G2LError, match="same tiles"):
         linear_cka(a, a[:3])
+
+
+def test_global_batchnorm_keeps_the_variance_of_large_offset_features():
+    torch.manual_seed(0)
+    x = 30 + 0.05 * torch.randn(64, 6)
+    ours, ref = GlobalBatchNorm1d(6), torch.nn.BatchNorm1d(6).double()
+    out, expected = ours(x), ref(x.double()).float()
+    torch.testing.assert_close(out, expected, atol=1e-3, rtol=0)  # unit-variance outputs
+    torch.testing.assert_close(ours.running_var, ref.running_var.float(), rtol=1e-4, atol=0)
+    # the one-pass E[x^2] - E[x]^2 in float32 misses the variance by far more than that
+    one_pass = (x * x).mean(0) - x.mean(0) ** 2
+    assert ((one_pass - x.double().var(0, unbiased=False).float()).abs() / x.var(0, unbiased=False)).max() > 1e-3
+
+
+def test_no_weight_decay_on_tokens_positions_norms_and_biases_of_a_vit():
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, reg_tokens=4, img_size=32,
+                            no_embed_class=True)
+    exempt = no_decay_names(vit)
+    assert {"cls_token", "reg_token", "pos_embed", "norm.weight", "blocks.0.attn.qkv.bias"} <= exempt
+    assert not {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"} & exempt
+    opt = build_optimizer(vit, lr=1e-3, weight_decay=0.05)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
+    names = {n for n, p in vit.named_parameters() if id(p) in decayed}
+    assert names == {n for n, p in vit.named_parameters() if n.endswith(".weight") and p.ndim >= 2}

@@ -7,6 +7,7 @@ then export and the fidelity report. Data, losses and models are built in their 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -310,15 +311,26 @@ def fit(cfg: FitConfig) -> FitResult:
 
 
 def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:
-    """Read one step's loss off the device, write its metrics row; return the loss."""
+    """Read one step's loss off the device, write its metrics row; return the loss.
+
+    A non-finite loss or gradient norm stops the run here, before any checkpoint of that step is
+    written, so the run folder keeps its last good checkpoint."""
     loss = float(step["loss"].item())
+    grad_norm = None if step["grad_norm"] is None else float(step["grad_norm"])
     if main:
-        grad_norm = step["grad_norm"]
         run.log({"step": step["step"], "epoch": step["epoch"], "loss": f"{loss:.7g}",
-                 "lr": f"{step['lr']:.6g}",
-                 "grad_norm": "" if grad_norm is None else f"{float(grad_norm):.5g}",
+                 "lr": f"{step['lr']:.6g}", "grad_norm": "" if grad_norm is None else f"{grad_norm:.5g}",
                  "seconds": f"{step['seconds']:.3f}", "data_seconds": f"{step['data_seconds']:.4f}"})
         progress.update(step["step"], loss)
+    if not math.isfinite(loss) or grad_norm is not None and not math.isfinite(grad_norm):
+        last = run.last_checkpoint()
+        if main:
+            progress.close()
+            run.update_info(status="failed", stopped=f"non-finite loss at step {step['step']}")
+        raise G2LError(f"step {step['step']} gave loss {loss} and gradient norm {grad_norm}; the run "
+                       f"stopped and keeps its last good checkpoint ({last.name if last else 'none yet'}). "
+                       "Lower --lr or raise --warmup-steps, check the cache with `g2l cache verify`, and "
+                       "start again (or --resume from that checkpoint).")
     return loss
 
 

@@ -298,3 +298,27 @@ def test_two_fits_read_one_cache_at_once(built_cache, tmp_path):
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
     assert _losses(tmp_path / "r0") == _losses(tmp_path / "r1")
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(built_cache, tmp_path, monkeypatch):
+    import g2l_student.train as train
+
+    real = train.get_loss
+    calls = {"n": 0}
+
+    def poisoned(name, alpha):
+        loss_fn = real(name, alpha)
+
+        def fn(s, t):
+            calls["n"] += 1
+            out = loss_fn(s, t)
+            return out * float("nan") if calls["n"] >= 5 else out
+        return fn
+
+    monkeypatch.setattr(train, "get_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(G2LError, match=r"step 5 gave loss nan.*keeps its last good checkpoint \(step_00000004\)"):
+        fit(fit_config(built_cache, out, steps=12, checkpoint_every=2))
+    run = RunDir(out)
+    assert [p.name for p in run.list_checkpoints()] == ["step_00000002", "step_00000004"]
+    assert run.info()["status"] == "failed"

@@ -112,8 +112,8 @@ def _print_fidelity(data: dict) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     before, after = data.get("before", {}), data.get("after", {})
-    for key in ("cosine", "cka", "knn10_overlap", "tiles"):
-        fmt = lambda d: "-" if key not in d else (str(d[key]) if key == "tiles" else f"{d[key]:.4f}")  # noqa: E731
+    for key in ("cosine", "r2", "cka", "cka_debiased", "knn10_overlap", "tiles"):
+        fmt = lambda d: "-" if d.get(key) is None else (str(d[key]) if key == "tiles" else f"{d[key]:.4f}")  # noqa: E731
         table.add_row(key, fmt(before), fmt(after))
     console.print(table)
 
@@ -133,7 +133,7 @@ def export(run: Path = typer.Argument(..., help="Run folder."),
 @app.command("report")
 @handle_errors
 def report(run: Path = typer.Argument(..., help="Run folder.")) -> None:
-    """Fidelity on the validation slides: cosine, linear CKA, 10-NN overlap, before and after."""
+    """Fidelity on the validation slides: cosine, centred R², linear and debiased CKA, 10-NN overlap, before and after."""
     from g2l_student.export import fidelity_report
 
     _print_fidelity(fidelity_report(run))

@@ -1,4 +1,4 @@
-"""Representation similarity: linear CKA, neighbour overlap, mean cosine (numpy, float64)."""
+"""Representation similarity: linear and debiased CKA, centred R², neighbour overlap, mean cosine (numpy, float64)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,37 @@ def linear_cka(a: np.ndarray, b: np.ndarray) -> float:
     cross = np.linalg.norm(a.T @ b, "fro") ** 2
     denom = np.linalg.norm(a.T @ a, "fro") * np.linalg.norm(b.T @ b, "fro")
     return float(cross / denom) if denom > 0 else 0.0
+
+
+def _unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:
+    """Unbiased HSIC estimator (Song et al. 2012) of two Gram matrices with zeroed diagonals."""
+    n = k.shape[0]
+    ones_k, ones_l = k.sum(0), l.sum(0)
+    total = np.sum(k * l) + ones_k.sum() * ones_l.sum() / ((n - 1) * (n - 2)) - 2 * ones_k @ ones_l / (n - 2)
+    return float(total / (n * (n - 3)))
+
+
+def debiased_cka(a: np.ndarray, b: np.ndarray) -> float:
+    """Linear CKA from the unbiased HSIC: near 0 for unrelated embeddings even when samples are
+    fewer than dimensions, where linear CKA drifts towards 1 (two random ViTs score 0.97 on 24 tiles)."""
+    a, b = _check_pair(a, b)
+    if a.shape[0] < 4:
+        raise G2LError("debiased CKA needs at least 4 samples.")
+    k, l = a @ a.T, b @ b.T
+    np.fill_diagonal(k, 0.0)
+    np.fill_diagonal(l, 0.0)
+    denom = _unbiased_hsic(k, k) * _unbiased_hsic(l, l)
+    return _unbiased_hsic(k, l) / np.sqrt(denom) if denom > 0 else 0.0
+
+
+def centred_r2(pred: np.ndarray, target: np.ndarray) -> float:
+    """1 - residual / total sum of squares around the target's mean vector: 1 is a perfect fit,
+    0 is no better than predicting the teacher's mean embedding."""
+    pred, target = _check_pair(pred, target)
+    if pred.shape != target.shape:
+        raise G2LError(f"R² needs equal shapes, got {pred.shape} and {target.shape}.")
+    total = np.sum((target - target.mean(0)) ** 2)
+    return float(1 - np.sum((target - pred) ** 2) / total) if total > 0 else 0.0
 
 
 def _cosine_neighbours(x: np.ndarray, k: int) -> np.ndarray:

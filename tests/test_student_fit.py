@@ -77,6 +77,7 @@ def test_fit_writes_a_complete_run_and_learns(trained):
     fid = json.loads(run.fidelity.read_text())
     assert fid["split"] == "validation" and len(fid["val_slides"]) == 1
     assert fid["after"]["cosine"] > fid["before"]["cosine"] + 0.2
+    assert {"r2", "cka_debiased"} <= set(fid["after"]) and fid["after"]["r2"] <= 1
     losses = _losses(out)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     # each epoch's seeded draw is recorded: 2 batches of 8 views, at most one view per tile

@@ -12,7 +12,7 @@ from g2l_student.losses import get_loss, logsum_loss
 from g2l_student.model import GlobalBatchNorm1d
 from g2l_student.optim import build_optimizer, no_decay_names
 from g2l_student.schedule import EMA, G2LEarlyStop, cosine_with_warmup
-from g2l_student.similarity import knn_overlap, linear_cka, mean_cosine
+from g2l_student.similarity import centred_r2, debiased_cka, knn_overlap, linear_cka, mean_cosine
 
 S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
 T = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 1.0]])
@@ -181,3 +181,23 @@ def test_no_weight_decay_on_tokens_positions_norms_and_biases_of_a_vit():
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
     names = {n for n, p in vit.named_parameters() if id(p) in decayed}
     assert names == {n for n, p in vit.named_parameters() if n.endswith(".weight") and p.ndim >= 2}
+
+
+def test_debiased_cka_tells_unrelated_from_related_when_samples_are_few():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((24, 384)), rng.standard_normal((24, 384))
+    assert linear_cka(a, b) > 0.9  # the bias the debiased estimator removes
+    assert abs(debiased_cka(a, b)) < 0.1
+    rot = np.linalg.qr(rng.standard_normal((384, 384)))[0]
+    assert abs(debiased_cka(a, 3 * a @ rot) - 1) < 1e-9  # invariant to scale and rotation
+    mixed = a + 0.5 * rng.standard_normal((24, 384))
+    assert 0.5 < debiased_cka(a, mixed) < 0.95
+    with pytest.raises(G2LError, match="at least 4"):
+        debiased_cka(a[:3], b[:3])
+
+
+def test_centred_r2_on_hand_checked_values():
+    t = np.array([[1.0, 0.0], [3.0, 2.0]])  # mean (2, 1): total sum of squares 4
+    assert centred_r2(t, t) == 1.0
+    assert centred_r2(np.array([[2.0, 1.0], [2.0, 1.0]]), t) == 0.0  # the mean itself
+    assert abs(centred_r2(np.array([[1.0, 1.0], [3.0, 1.0]]), t) - (1 - 2 / 4)) < 1e-12

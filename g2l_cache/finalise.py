@@ -24,8 +24,6 @@ from g2l_cache.store import (META_GENERATION, TLOC_DTYPE, bits_from_bytes, close
 from g2l_cache.tables import (TILE_INDEX_DTYPE, TILE_LOCATION_SCHEMA, TILE_SCHEMA, VIEW_INDEX_DTYPE,
                               VIEW_LOCATION_SCHEMA, VIEW_SCHEMA, view_index_rows)
 
-SLIDE_COLUMNS = ["slide_id", "path", "file_size", "file_mtime", "mpp", "mpp_source", "mpp_override",
-                 "width", "height", "reader", "status", "error", "n_candidates", "n_tiles", "shard"]
 ROW_GROUP = 1 << 18  # rows per Parquet row group
 
 

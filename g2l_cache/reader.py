@@ -16,7 +16,7 @@ import torch
 
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, read_manifest
-from g2l_cache.store import CorruptValue, decode_target, target_row_bytes
+from g2l_cache.store import decode_target, read_stored_tile, target_row_bytes
 from g2l_cache.tables import params_from_index
 from g2l_cache.tile_codec import decode_tile
 from g2l_cache.views import ViewParams, ViewPolicy, apply_view
@@ -116,16 +116,13 @@ class CacheReader:
 
     def tile_bytes(self, tile: int) -> bytes:
         """Encoded bytes of tile `tile` (a row of tiles.parquet), checksum verified."""
-        import zlib
-
         entry = self.tile_index[tile]
         if entry["offset"] < 0:
             raise G2LError(f"tile {tile} has no stored pixels yet; finish the cache with `g2l cache build`.")
         shard = int(entry["shard"])
-        data = os.pread(self._fd(self.layout.tiles_file(shard)), int(entry["length"]), int(entry["offset"]))
-        if len(data) != entry["length"] or zlib.crc32(data) != entry["crc"]:
-            raise CorruptValue(f"checksum mismatch for tile {tile} in shard {shard}; run `g2l cache verify`.")
-        return data
+        fd = self._fd(self.layout.tiles_file(shard))
+        return read_stored_tile(fd, int(entry["offset"]), int(entry["length"]), int(entry["crc"]),
+                                f"tile {tile} in shard {shard}")
 
     def tile_pixels(self, tile: int) -> np.ndarray:
         """Decoded stored pixels of one tile (HxWx3 uint8)."""

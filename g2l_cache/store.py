@@ -107,6 +107,14 @@ def decode_target(row: bytes | np.ndarray, embed_dim: int, where: str = "target"
     return arr[:embed_dim], arr[embed_dim:]
 
 
+def read_stored_tile(fd: int, offset: int, length: int, crc: int, what: str) -> bytes:
+    """One tile's encoded bytes from an open tiles.bin, checksum verified."""
+    data = os.pread(fd, int(length), int(offset))
+    if len(data) != length or zlib.crc32(data) != crc:
+        raise CorruptValue(f"checksum mismatch for {what}; run `g2l cache verify`.")
+    return data
+
+
 def table_to_bytes(table: pa.Table) -> bytes:
     """An Arrow table as LZ4-compressed IPC stream bytes (how per-slide tables sit in the index).
 

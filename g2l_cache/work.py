@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import traceback
-import zlib
 from collections import OrderedDict
 
 import numpy as np
@@ -16,7 +15,7 @@ from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout
 from g2l_cache.qc import write_qc_png
 from g2l_cache.slides import OpenedSlide, SlideSpec, file_fingerprint, open_slide
-from g2l_cache.store import (TLOC_DTYPE, CorruptValue, get_value, shared_env, slide_key, table_from_bytes,
+from g2l_cache.store import (TLOC_DTYPE, get_value, read_stored_tile, shared_env, slide_key, table_from_bytes,
                              table_to_bytes, tiles_key, tloc_key)
 from g2l_cache.tables import slide_tables
 from g2l_cache.tile_codec import decode_tile, encode_tile
@@ -112,11 +111,8 @@ class ChunkDataset(Dataset):
         if entry is None or entry[0] != os.getpid():
             entry = (os.getpid(), os.open(self.layout.tiles_file(shard), os.O_RDONLY))
             self._fds[shard] = entry
-        data = os.pread(entry[1], int(loc["length"]), int(loc["offset"]))
-        if zlib.crc32(data) != int(loc["crc"]):
-            raise CorruptValue(f"checksum mismatch for a stored tile in shard {shard}; "
-                               "run `g2l cache verify`.")
-        return data
+        return read_stored_tile(entry[1], int(loc["offset"]), int(loc["length"]), int(loc["crc"]),
+                                f"a stored tile in shard {shard}")
 
     def _slide(self, record: dict) -> OpenedSlide:
         sid = record["slide_id"]

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := demo_out
 STAMP := $(VENV)/.installed
-# Demo teacher: a random-weight ViT-S stands in for H-optimus-0 (no downloads here).
+# Demo teacher: a random-weight ViT-S at 112 px stands in for H-optimus-0 (no downloads here).
 DEMO_TEACHER ?= vit_small_patch16_224
 # Demo student: a random-weight ViT-Ti at 64 px stands in for the ViT-L student (CPU minutes).
 DEMO_STUDENT ?= vit_tiny_patch16_224
@@ -20,18 +20,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEMO)/slides/.done: $(STAMP)
-	$(BIN)/g2l demo slides $(DEMO)/slides --n-slides 4 --centers 2 --seed 0
+	$(BIN)/g2l demo slides $(DEMO)/slides --n-slides 8 --centers 3 --seed 0
 	touch $@
 
 demo: install $(DEMO)/slides/.done
 	$(BIN)/g2l cache build $(DEMO)/slides --out $(DEMO)/cache --teacher $(DEMO_TEACHER) \
-		--random-init --max-tiles-per-slide 32 --views 4 --batch-size 32
+		--random-init --tile-size 128 --crop-size 112 --max-tiles-per-slide 48 --views 4 --batch-size 32
 	$(BIN)/g2l cache info $(DEMO)/cache
 	$(BIN)/g2l student fit $(DEMO)/cache --out $(DEMO)/run --overwrite --student $(DEMO_STUDENT) \
 		--random-init --img-size 64 --steps 300 --batch-size 32 --lr 5e-4 --val-fraction 0.25 \
 		--checkpoint-every 100 --num-workers 1
 	$(BIN)/g2l demo tiles $(DEMO)/tiles --n-crops 40 --centers 3
-	$(BIN)/g2l embed $(DEMO_TEACHER) $(DEMO)/tiles/tiles.csv --random-init --out $(DEMO)/eval/teacher.parquet
+	$(BIN)/g2l embed $(DEMO_TEACHER) $(DEMO)/tiles/tiles.csv --random-init --img-size 112 --out $(DEMO)/eval/teacher.parquet
 	$(BIN)/g2l embed $(DEMO)/run $(DEMO)/tiles/tiles.csv --out $(DEMO)/eval/student.parquet
 	$(BIN)/g2l embed $(DEMO_STUDENT) $(DEMO)/tiles/tiles.csv --random-init --img-size 64 \
 		--out $(DEMO)/eval/untrained-student.parquet

@@ -213,7 +213,7 @@ def measure_fit(cache: Path, work: Path, workers: int, steps: int = 40) -> dict:
 
     out = work / f"run-{cache.name}"
     cfg = work / "fit.toml"
-    cfg.write_text("fidelity_tiles = 16\nkeep_checkpoints = 1\n")
+    cfg.write_text("fidelity_views = 16\nkeep_checkpoints = 1\n")
     cmd = [sys.executable, "-m", "cli", "student", "fit", str(cache), "--out", str(out), "--overwrite",
            "--student", "vit_tiny_patch16_224", "--random-init", "--img-size", "32", "--steps",
            str(steps), "--batch-size", "32", "--num-workers", str(workers), "--val-fraction", "0",

@@ -15,7 +15,7 @@ def fit_config(args, cache, out, steps: int, **extra):
     return FitConfig(cache=str(cache), out=str(out), student=args.student, random_init=True,
                      img_size=args.crop_size, steps=steps, batch_size=args.batch_size,
                      num_workers=args.workers, val_fraction=0.0, checkpoint_every=10**9,
-                     fidelity_tiles=64, progress=False, cpu=not args.device.startswith("cuda"), **extra)
+                     fidelity_views=64, progress=False, cpu=not args.device.startswith("cuda"), **extra)
 
 
 def main() -> None:

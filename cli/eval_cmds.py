@@ -62,12 +62,13 @@ def compare(embeddings: list[Path] = typer.Argument(..., help="Files written by 
         table = Table(title=f"g2l eval: {task}")
         table.add_column("model")
         cols = [(name, kk) for name, kk in m.select("metric", "k").unique(maintain_order=True).rows()
-                if name in shown or name.startswith("cka_vs_")]
+                if name in shown or "_vs_" in name]
         cols = list(dict.fromkeys((n, kk if n == "ri_ratio" else None) for n, kk in cols))
         labels = {"knn_balanced_accuracy": "kNN bal.acc", "linear_balanced_accuracy": "lin bal.acc",
                   "linear_auroc": "lin AUROC", "ri": "RI", "ri_ratio": "RI ratio"}
         for name, kk in cols:
-            label = labels.get(name, name.replace("cka_vs_", "CKA vs "))
+            label = labels.get(name, name.replace("cka_debiased_vs_", "dCKA vs ").replace("cka_vs_", "CKA vs ")
+                               .replace("knn10_overlap_vs_", "10-NN overlap vs "))
             table.add_column(label + (f" k{kk}" if kk else ""), justify="right")
         for model in m["model"].unique(maintain_order=True).to_list():
             cells = []
@@ -85,8 +86,9 @@ def compare(embeddings: list[Path] = typer.Argument(..., help="Files written by 
 @handle_errors
 def cka(a: Path = typer.Argument(..., help="Embedding file of model A."),
         b: Path = typer.Argument(..., help="Embedding file of model B (same tiles).")) -> None:
-    """Linear CKA between two models' embeddings of the same tiles."""
-    from g2l_student.evaluation.compare import cka_between
+    """Linear CKA, debiased CKA and 10-NN overlap between two models' embeddings of the same tiles."""
+    from g2l_student.evaluation.compare import similarity_between
     from g2l_student.evaluation.embedder import read_embeddings
 
-    console.print(f"linear CKA {a.stem} vs {b.stem}: {cka_between(read_embeddings(a), read_embeddings(b)):.4f}")
+    for name, value in similarity_between(read_embeddings(a), read_embeddings(b)).items():
+        console.print(f"{name} {a.stem} vs {b.stem}: {value:.4f}")

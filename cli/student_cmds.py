@@ -31,6 +31,8 @@ def fit(
     student_std: Optional[str] = typer.Option(None, help="Student input std R,G,B (default as for the mean)."),
     random_init: bool = typer.Option(False, "--random-init", help="Random student weights."),
     head_weights: Optional[Path] = typer.Option(None, help="Projection heads from an earlier export (head.safetensors)."),
+    head_init: Optional[str] = typer.Option(None, help="'targets' (default): heads start at the training "
+                                            "targets' per-dimension mean and sd; 'default': torch's init."),
     img_size: Optional[int] = typer.Option(None, help="Student input size; views are resized to it (default 224)."),
     teacher: Optional[str] = typer.Option(None, help="Which cache teacher (fingerprint or name); default: the first complete."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps (or use --epochs)."),
@@ -49,7 +51,12 @@ def fit(
     ema_decay: Optional[float] = typer.Option(None, help="Keep an EMA of the student (e.g. 0.999); exported if set."),
     early_stop: Optional[str] = typer.Option(None, help="'g2l': stop when the loss exceeds its 100-step mean >10 times in a row."),
     seed: Optional[int] = typer.Option(None, help="Seed for split, view choice, order and init (default 0)."),
-    val_fraction: Optional[float] = typer.Option(None, help="Share of slides held out for validation (default 0.1)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Share of patients (TCGA barcodes or --patient-of), "
+                                                 "else of slides, held out for validation (default 0.1)."),
+    patient_of: Optional[Path] = typer.Option(None, help="CSV with slide_id,patient_id: a patient's slides stay "
+                                              "on one side of the validation split."),
+    val_every: Optional[int] = typer.Option(None, help="Measure fidelity on the held-out views every N steps "
+                                            "(metrics.csv val_* columns, plotted in loss.png)."),
     views_per_epoch: Optional[str] = typer.Option(None, help="'one' cached view per tile per epoch (default) or 'all'."),
     slides: Optional[Path] = typer.Option(None, "--slides", help="Only these slides: text file of ids or CSV with slide_id."),
     where: Optional[str] = typer.Option(None, help="SQL condition on view/tile/slide columns, e.g. \"slide_id LIKE '%centre-a%'\"."),
@@ -77,13 +84,13 @@ def fit(
                            student_weights=p(student_weights), random_init=random_init,
                            student_mean=_triple(student_mean, "--student-mean"),
                            student_std=_triple(student_std, "--student-std"),
-                           head_weights=p(head_weights), img_size=img_size, teacher=teacher,
+                           head_weights=p(head_weights), head_init=head_init, img_size=img_size, teacher=teacher,
                            steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, warmup_steps=warmup_steps, loss=loss,
                            alpha=alpha, target=target, cls_weight=cls_weight,
                            patch_weight=patch_weight, grad_clip=grad_clip, grad_accum=grad_accum,
                            ema_decay=ema_decay, early_stop=early_stop, seed=seed,
-                           val_fraction=val_fraction, views_per_epoch=views_per_epoch,
+                           val_fraction=val_fraction, patient_of=p(patient_of), val_every=val_every, views_per_epoch=views_per_epoch,
                            slides=p(slides), where=where, num_workers=num_workers,
                            checkpoint_every=checkpoint_every, online_teacher=online_teacher,
                            online_teacher_weights=p(online_teacher_weights),
@@ -104,6 +111,11 @@ def fit(
         console.print(f"exported student: {result.export}")
 
 
+FIDELITY_ROWS = ("projected_cosine", "projected_r2", "projected_cka", "projected_cka_debiased",
+                 "projected_knn10_overlap", "backbone_cka", "backbone_cka_debiased",
+                 "backbone_knn10_overlap", "views")
+
+
 def _print_fidelity(data: dict) -> None:
     if not data:
         return
@@ -112,9 +124,9 @@ def _print_fidelity(data: dict) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     before, after = data.get("before", {}), data.get("after", {})
-    for key in ("cosine", "r2", "cka", "cka_debiased", "knn10_overlap", "tiles"):
-        fmt = lambda d: "-" if d.get(key) is None else (str(d[key]) if key == "tiles" else f"{d[key]:.4f}")  # noqa: E731
-        table.add_row(key, fmt(before), fmt(after))
+    for key in FIDELITY_ROWS:
+        fmt = lambda d: "-" if d.get(key) is None else (str(d[key]) if key == "views" else f"{d[key]:.4f}")  # noqa: E731
+        table.add_row(key.replace("_", " ", 1), fmt(before), fmt(after))
     console.print(table)
 
 

@@ -10,6 +10,7 @@ from g2l_student.losses import LOSSES
 from g2l_student.model import DEFAULT_STUDENT
 
 TARGETS = ("cls", "mean-patch", "both")
+HEAD_INITS = ("targets", "default")
 
 
 @dataclass
@@ -22,6 +23,8 @@ class FitConfig:
     student_weights: str | None = None
     random_init: bool = False
     head_weights: str | None = None
+    # "targets": heads start at the training targets' per-dimension mean/sd; "default": torch's init.
+    head_init: str = "targets"
     # The student's input normalisation; None: from the weights (preprocessor_config.json) or timm.
     student_mean: list[float] | None = None
     student_std: list[float] | None = None
@@ -46,13 +49,16 @@ class FitConfig:
     early_stop_patience: int = 10
     seed: int = 0
     val_fraction: float = 0.1
+    # CSV (slide_id, patient_id): the validation split keeps patients whole. TCGA barcodes need none.
+    patient_of: str | None = None
+    val_every: int | None = None  # measure fidelity on the held-out views every N steps
     views_per_epoch: str = "one"
     slides: str | None = None
     where: str | None = None
     num_workers: int = 2
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    fidelity_tiles: int = 2048
+    fidelity_views: int = 2048  # held-out views (all K of each validation tile) for fidelity
     online_teacher: str | None = None
     online_teacher_weights: str | None = None
     online_random_init: bool = False
@@ -66,11 +72,15 @@ class FitConfig:
             raise G2LError(f"--loss must be one of {', '.join(LOSSES)}.")
         if self.target not in TARGETS:
             raise G2LError(f"--target must be one of {', '.join(TARGETS)}.")
+        if self.head_init not in HEAD_INITS:
+            raise G2LError(f"--head-init must be one of {', '.join(HEAD_INITS)}.")
         if self.views_per_epoch not in VIEW_CHOICES:
             raise G2LError(f"--views-per-epoch must be one of {', '.join(VIEW_CHOICES)}.")
         if self.steps is not None and self.epochs is not None:
             raise G2LError("give --steps or --epochs, not both.")
-        for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "img_size"):
+        if self.val_every is not None and self.val_every < 1:
+            raise G2LError("--val-every must be at least 1.")
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "img_size", "fidelity_views"):
             if getattr(self, name) < 1:
                 raise G2LError(f"--{name.replace('_', '-')} must be at least 1.")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs < 1:

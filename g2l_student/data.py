@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,19 +71,51 @@ def read_slide_list(path: str) -> set[str]:
     return {line.strip() for line in p.read_text().splitlines() if line.strip()}
 
 
-def split_by_slide(slide_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded train/validation split of whole slides: no slide is on both sides."""
+# A TCGA slide barcode starts with its patient: TCGA-<site>-<participant>.
+_TCGA_PATIENT = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(?:-|$)", re.IGNORECASE)
+
+
+def patients_of_slides(slide_ids: list[str], patient_csv: str | None = None) -> tuple[dict[str, str], str]:
+    """The patient of each slide and where it came from: "csv" (`patient_csv` with slide_id and
+    patient_id columns), "tcga" (every id is a TCGA barcode), or "slide" (each slide its own)."""
+    if patient_csv:
+        p = Path(patient_csv)
+        if not p.is_file():
+            raise G2LError(f"--patient-of {p} does not exist.")
+        table = pl.read_csv(p, infer_schema_length=0)
+        if not {"slide_id", "patient_id"} <= set(table.columns):
+            raise G2LError(f"--patient-of {p} needs 'slide_id' and 'patient_id' columns; it has "
+                           f"{', '.join(table.columns)}.")
+        known = dict(zip(table["slide_id"].to_list(), table["patient_id"].to_list()))
+        missing = sorted(set(slide_ids) - set(known))
+        if missing:
+            raise G2LError(f"--patient-of {p} has no patient for {len(missing)} slide(s), e.g. "
+                           f"{missing[0]}; add a row for every slide of the cache.")
+        return {s: known[s] for s in slide_ids}, "csv"
+    matches = {s: _TCGA_PATIENT.match(s) for s in slide_ids}
+    if slide_ids and all(matches.values()):
+        return {s: m.group(1).upper() for s, m in matches.items()}, "tcga"
+    return {s: s for s in slide_ids}, "slide"
+
+
+def split_by_slide(slide_ids: list[str], val_fraction: float, seed: int,
+                   patients: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Seeded train/validation split of whole slides (of whole patients when `patients` maps
+    slide -> patient): no slide, and no patient, is on both sides."""
     if not 0 <= val_fraction < 1:
         raise G2LError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
     ids = sorted(set(slide_ids))
     if val_fraction == 0:
         return ids, []
-    if len(ids) < 2:
-        raise G2LError("a validation split needs at least 2 slides; use --val-fraction 0.")
-    n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
-    order = np.random.default_rng([seed, 7]).permutation(len(ids))
-    val = sorted(ids[i] for i in order[:n_val])
-    return [s for s in ids if s not in set(val)], val
+    patient = patients or {s: s for s in ids}
+    groups = sorted({patient[s] for s in ids})
+    if len(groups) < 2:
+        raise G2LError(f"a validation split needs at least 2 {'patients' if patients else 'slides'}; "
+                       "use --val-fraction 0.")
+    n_val = min(len(groups) - 1, max(1, round(val_fraction * len(groups))))
+    order = np.random.default_rng([seed, 7]).permutation(len(groups))
+    held_out = {groups[i] for i in order[:n_val]}
+    return [s for s in ids if patient[s] not in held_out], [s for s in ids if patient[s] in held_out]
 
 
 def samples_per_epoch(tiles: np.ndarray, views_per_epoch: str) -> int:

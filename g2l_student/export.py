@@ -101,7 +101,7 @@ def recompute_fidelity(run: RunDir) -> dict:
     student = build_student(cfg.student, cfg.img_size, dims, random_init=True, mean=cfg.student_mean,
                             std=cfg.student_std)
     student.load_state_dict(_checkpoint_weights(ckpt))
-    views, split = fidelity_views(data, cfg.fidelity_tiles, cfg.seed)
+    views, split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
     dataset = Subset(CachedViews(data.reader, data.teacher["fingerprint"]), views.tolist())
     after = measure_fidelity(student, dataset, torch.device("cpu"))
     return {"split": split, "after": after, "after_checkpoint": ckpt.name}

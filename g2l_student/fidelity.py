@@ -11,8 +11,9 @@ from g2l_student.similarity import centred_r2, debiased_cka, knn_overlap, linear
 
 @torch.no_grad()
 def measure_fidelity(student, dataset, device, teacher=None, batch_size: int = 64, k: int = 10) -> dict:
-    """Mean cosine and centred R² (projected student vs its teacher target), linear and debiased
-    CKA and k-NN overlap (raw student embedding vs teacher embedding) over every item of `dataset`."""
+    """How close the student is to its teacher over every item of `dataset`: the projected output
+    against the head's targets (mean cosine, centred R², linear and debiased CKA, k-NN overlap) and
+    the raw backbone embedding against the teacher embedding (the three similarities)."""
     head = "cls" if "cls" in student.heads else "mean-patch"
     was = student.training
     student.eval()
@@ -29,6 +30,12 @@ def measure_fidelity(student, dataset, device, teacher=None, batch_size: int = 6
         head_targets.append((t_emb if head == "cls" else t_patch).float().cpu().numpy())
     student.train(was)
     p, r, t, ht = (np.concatenate(x) for x in (projected, raw, targets, head_targets))
-    return {"tiles": int(len(t)), "cosine": mean_cosine(p, ht), "r2": centred_r2(p, ht),
-            "cka": linear_cka(r, t), "cka_debiased": debiased_cka(r, t) if len(t) >= 4 else None,
-            f"knn{k}_overlap": knn_overlap(r, t, k=k)}
+    return {"views": int(len(t)), "projected_cosine": mean_cosine(p, ht), "projected_r2": centred_r2(p, ht),
+            **{f"projected_{name}": v for name, v in _similarities(p, ht, k).items()},
+            **{f"backbone_{name}": v for name, v in _similarities(r, t, k).items()}}
+
+
+def _similarities(a: np.ndarray, b: np.ndarray, k: int) -> dict:
+    n = len(a)
+    return {"cka": linear_cka(a, b), "cka_debiased": debiased_cka(a, b) if n >= 4 else None,
+            f"knn{k}_overlap": knn_overlap(a, b, k=k) if n > 1 else None}

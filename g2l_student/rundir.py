@@ -14,7 +14,10 @@ from g2l_cache.layout import now_iso, write_text_atomic
 
 RUN_FORMAT = "g2l-run"
 # seconds: since the loop started; data_seconds: time this step waited for the data loader.
-METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "data_seconds"]
+# val_*: fidelity on the held-out views (g2l_student.fidelity), on the rows of --val-every steps.
+VAL_COLUMNS = ["val_projected_cosine", "val_projected_r2", "val_projected_cka_debiased",
+               "val_backbone_cka_debiased", "val_backbone_knn10_overlap"]
+METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "data_seconds", *VAL_COLUMNS]
 
 
 def cache_fingerprint(manifest: dict, teacher_fp: str) -> str:
@@ -109,7 +112,7 @@ class RunDir:
 
     def _write_metrics(self, rows: list[dict]) -> None:
         buf = io.StringIO(newline="")
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         write_text_atomic(self.metrics, buf.getvalue())
@@ -117,7 +120,7 @@ class RunDir:
     def log(self, row: dict) -> None:
         new = not self.metrics.exists()
         with self.metrics.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -139,7 +142,9 @@ class RunDir:
             return
         steps = [int(r["step"]) for r in rows]
         loss = [float(r["loss"]) for r in rows]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        val = [r for r in rows if r.get("val_projected_r2")]
+        fig, axes = plt.subplots(1, 2 if val else 1, figsize=(11 if val else 6, 3.5), dpi=100, squeeze=False)
+        ax = axes[0, 0]
         ax.plot(steps, loss, lw=0.8, label="train loss")
         if len(loss) >= 20:
             w = max(5, len(loss) // 50)
@@ -150,6 +155,15 @@ class RunDir:
         ax.set_ylabel("loss")
         ax.set_title(self.root.name)
         ax.legend()
+        if val:
+            vx = axes[0, 1]
+            for column in VAL_COLUMNS:
+                vx.plot([int(r["step"]) for r in val], [float(r[column]) for r in val], marker="o", ms=3,
+                        label=column.removeprefix("val_").replace("_", " "))
+            vx.set_xlabel("step")
+            vx.set_ylim(min(-0.05, min(float(r["val_projected_r2"]) for r in val)), 1.02)
+            vx.set_title("held-out fidelity")
+            vx.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(self.loss_png)
         plt.close(fig)

@@ -24,11 +24,11 @@ from g2l_cache.teachers import TeacherSpec, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.workers import loader_worker_init
 from g2l_student.config import FitConfig
-from g2l_student.data import (CachedViews, epoch_rows, samples_per_epoch, select_views, split_by_slide,
-                              view_slides)
+from g2l_student.data import (CachedViews, epoch_rows, patients_of_slides, samples_per_epoch, select_views,
+                              split_by_slide, view_slides)
 from g2l_student.fidelity import measure_fidelity
 from g2l_student.losses import get_loss
-from g2l_student.model import build_student
+from g2l_student.model import build_student, init_heads_from_targets
 from g2l_student.optim import build_optimizer
 from g2l_student.rundir import RunDir, cache_fingerprint
 from g2l_student.schedule import EMA, G2LEarlyStop, TrainState, cosine_with_warmup
@@ -98,6 +98,7 @@ class FitData:
     train: np.ndarray
     val: np.ndarray
     val_slides: list[str]
+    split_by: str = "slide"  # what the validation split keeps whole: "slide", or patients ("tcga", "csv")
 
     def tiles_of(self, views: np.ndarray) -> np.ndarray:
         return self.reader.view_index["tile"][views]
@@ -113,9 +114,11 @@ def load_fit_data(cfg: FitConfig) -> FitData:
     slide_of = view_slides(reader, views)
     names = reader.slides()["slide_id"].to_numpy()
     present = np.unique(slide_of)
-    train_ids, val_ids = split_by_slide(names[present].tolist(), cfg.val_fraction, cfg.seed)
+    patients, split_by = patients_of_slides(names[present].tolist(), cfg.patient_of)
+    train_ids, val_ids = split_by_slide(names[present].tolist(), cfg.val_fraction, cfg.seed,
+                                        patients if split_by != "slide" else None)
     is_val = np.isin(slide_of, np.flatnonzero(np.isin(names, val_ids)))
-    return FitData(reader, teacher, views[~is_val], views[is_val], val_ids)
+    return FitData(reader, teacher, views[~is_val], views[is_val], val_ids, split_by)
 
 
 def partial_cache_message(reader: CacheReader, teacher: dict) -> str:
@@ -131,13 +134,16 @@ def partial_cache_message(reader: CacheReader, teacher: dict) -> str:
             f"--teacher {spec['name']}{extra}` (the slides and options default to the cache's).")
 
 
-def fidelity_views(data: FitData, n_tiles: int, seed: int) -> tuple[np.ndarray, str]:
-    """View 0 of up to n validation tiles (training tiles when there is no validation split)."""
+def fidelity_views(data: FitData, n_views: int, seed: int) -> tuple[np.ndarray, str]:
+    """Up to n validation views, every cached view of each held-out tile (training views when
+    there is no validation split); a seeded sample of whole tiles when there are more."""
     split, views = ("validation", data.val) if len(data.val) else ("training", data.train)
-    first = views[data.reader.view_index["k"][views] == 0]
-    if len(first) > n_tiles:
-        first = np.sort(np.random.default_rng(seed).choice(first, n_tiles, replace=False))
-    return first, split
+    if len(views) > n_views:
+        _, tile_of, counts = np.unique(data.tiles_of(views), return_inverse=True, return_counts=True)
+        order = np.random.default_rng([seed, 5]).permutation(len(counts))
+        n_tiles = max(1, int(np.searchsorted(np.cumsum(counts[order]), n_views, side="right")))
+        views = views[np.isin(tile_of, order[:n_tiles])]
+    return views, split
 
 
 def build_online_teacher(cfg: FitConfig, reader: CacheReader, device):
@@ -149,6 +155,23 @@ def build_online_teacher(cfg: FitConfig, reader: CacheReader, device):
             return load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"], device=device)
     spec = TeacherSpec(cfg.online_teacher, cfg.online_teacher_weights, cfg.online_random_init, cfg.seed)
     return load_teacher(spec, img_size=reader.policy.crop_size, device=device)
+
+
+def head_target_sample(data: FitData, dims: dict[str, int], teacher=None, seed: int = 0,
+                       n_cached: int = 4096, n_live: int = 256) -> dict[str, torch.Tensor]:
+    """A seeded sample of the training targets of each head: read from the cache, or computed by
+    the live teacher on fewer views (it costs a teacher forward each)."""
+    n = min(len(data.train), n_live if teacher is not None else n_cached)
+    rows = np.sort(np.random.default_rng([seed, 11]).choice(data.train, n, replace=False))
+    if teacher is None:
+        pairs = [data.reader.target(data.teacher["fingerprint"], int(r)) for r in rows]
+        emb, patch = (torch.from_numpy(np.stack(x).astype(np.float32)) for x in zip(*pairs))
+    else:
+        views = torch.stack([data.reader.replay(int(r)) for r in rows])
+        with torch.no_grad():
+            out = [teacher.embed(views[i:i + 64]) for i in range(0, n, 64)]
+        emb, patch = (torch.cat([o[j].float().cpu() for o in out]) for j in (0, 1))
+    return {k: {"cls": emb, "mean-patch": patch}[k] for k in dims}
 
 
 def head_dims(target: str, embed_dim: int, patch_dim: int) -> dict[str, int]:
@@ -178,6 +201,8 @@ def fit(cfg: FitConfig) -> FitResult:
                      teacher.patch_dim if teacher else data.teacher["patch_dim"])
     student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
                             cfg.head_weights, cfg.student_mean, cfg.student_std)
+    if cfg.head_init == "targets" and not cfg.head_weights and not cfg.resume:
+        init_heads_from_targets(student, head_target_sample(data, dims, teacher, cfg.seed))
     # Recorded in config.toml and the export: the normalisation this student was trained with.
     cfg.student_mean = [round(float(v), 6) for v in student.mean.flatten()]
     cfg.student_std = [round(float(v), 6) for v in student.std.flatten()]
@@ -213,7 +238,7 @@ def fit(cfg: FitConfig) -> FitResult:
         if obj is not None:
             accelerator.register_for_checkpointing(obj)
     loss_fn = get_loss(cfg.loss, cfg.alpha)
-    fid_views, fid_split = fidelity_views(data, cfg.fidelity_tiles, cfg.seed)
+    fid_views, fid_split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
     fid_set = Subset(train_set, fid_views.tolist())
 
     # --- resume or start ----------------------------------------------------------------------
@@ -224,7 +249,8 @@ def fit(cfg: FitConfig) -> FitResult:
             run.truncate_metrics(state.step)
     elif main:
         before = measure_fidelity(accelerator.unwrap_model(student), fid_set, accelerator.device, teacher)
-        _write_fidelity(run, {"split": fid_split, "val_slides": data.val_slides, "before": before})
+        _write_fidelity(run, {"split": fid_split, "split_by": data.split_by, "val_slides": data.val_slides,
+                              "before": before})
     accelerator.wait_for_everyone()
 
     # --- the training loop --------------------------------------------------------------------
@@ -270,6 +296,9 @@ def fit(cfg: FitConfig) -> FitResult:
         pending, data_wait = [], 0.0
         if ema is not None:
             ema.update(accelerator.unwrap_model(student))
+        if cfg.val_every and state.step % cfg.val_every == 0 and main:
+            measured = measure_fidelity(accelerator.unwrap_model(student), fid_set, accelerator.device, teacher)
+            step.update({f"val_{k}": v for k, v in measured.items() if v is not None and k != "views"})
         # Reading the loss waits for the GPU. Without early stopping, step N is read after step
         # N+1 is queued, so the host never leaves the device idle; the rule needs it at once.
         to_log, unlogged = (step, None) if cfg.early_stop else (unlogged, step)
@@ -320,7 +349,8 @@ def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:
     if main:
         run.log({"step": step["step"], "epoch": step["epoch"], "loss": f"{loss:.7g}",
                  "lr": f"{step['lr']:.6g}", "grad_norm": "" if grad_norm is None else f"{grad_norm:.5g}",
-                 "seconds": f"{step['seconds']:.3f}", "data_seconds": f"{step['data_seconds']:.4f}"})
+                 "seconds": f"{step['seconds']:.3f}", "data_seconds": f"{step['data_seconds']:.4f}",
+                 **{k: f"{v:.5g}" for k, v in step.items() if k.startswith("val_")}})
         progress.update(step["step"], loss)
     if not math.isfinite(loss) or grad_norm is not None and not math.isfinite(grad_norm):
         last = run.last_checkpoint()

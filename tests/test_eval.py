@@ -12,7 +12,7 @@ from cli.main import app
 from g2l_cache import G2LError
 from g2l_student.evaluation.classify import (bootstrap_ci, classification_report, knn_predict,
                                              linear_probe_predict, make_split, scores)
-from g2l_student.evaluation.compare import cka_between, compare
+from g2l_student.evaluation.compare import compare, similarity_between
 from g2l_student.evaluation.demo_tiles import write_demo_tiles
 from g2l_student.evaluation.embedder import (embed_tileset, load_embedding_model, read_embeddings)
 from g2l_student.evaluation.robustness import pathorob_ri, ri_ratio, so_os_counts
@@ -139,8 +139,9 @@ def test_compare_writes_report_metrics_and_pictures(tiles, tmp_path):
     assert ri.height == 2 and ri["value"].is_between(0, 1).all()
     knn = m.filter(pl.col("metric") == "knn_balanced_accuracy").row(0, named=True)
     assert knn["k"] == 20 and knn["ci_low"] <= knn["value"] <= knn["ci_high"]
-    cka = m.filter(pl.col("metric") == "cka_vs_teacher")
-    assert cka.height == 1 and 0 <= cka["value"][0] <= 1
+    for metric in ("cka_vs_teacher", "cka_debiased_vs_teacher", "knn10_overlap_vs_teacher"):
+        row = m.filter(pl.col("metric") == metric)
+        assert row.height == 1 and row["model"][0] == "student" and -1 <= row["value"][0] <= 1
     for name in ("report.md", "bars-tiles.png", "map-tiles.png"):
         assert (tmp_path / "rep" / name).exists()
     assert "| teacher |" in (tmp_path / "rep" / "report.md").read_text()
@@ -164,7 +165,7 @@ def test_bad_inputs(tiles, tmp_path):
     assert "robustness index is undefined" in (tmp_path / "r2" / "report.md").read_text()
     a = _embed(tiles, tmp_path, "a")
     with pytest.raises(G2LError, match="different tile sets"):
-        cka_between(read_embeddings(a), read_embeddings(out))
+        similarity_between(read_embeddings(a), read_embeddings(out))
     res = runner.invoke(app, ["eval", "cka", str(a), str(out)])
     assert res.exit_code == 2 and "different tile sets" in res.output
     nan = tmp_path / "nan.parquet"

@@ -54,7 +54,7 @@ def _losses(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def trained(built_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
-    result = fit(fit_config(built_cache, out, steps=40, lr=1e-3))
+    result = fit(fit_config(built_cache, out, steps=40, lr=1e-3, val_every=20))
     return out, result
 
 
@@ -68,6 +68,11 @@ def test_fit_writes_a_complete_run_and_learns(trained):
     rows = run.read_metrics()
     assert [int(r["step"]) for r in rows] == list(range(1, 41))
     assert all(float(r["data_seconds"]) >= 0 for r in rows)  # loader wait of each step
+    # --val-every 20: held-out fidelity on steps 20 and 40; step 40's is the final report's
+    assert [r["step"] for r in rows if r["val_projected_r2"]] == ["20", "40"]
+    after = json.loads(run.fidelity.read_text())["after"]
+    for key in ("projected_r2", "projected_cka_debiased", "backbone_knn10_overlap"):
+        assert float(rows[-1][f"val_{key}"]) == pytest.approx(after[key], abs=1e-4)
     assert [p.name for p in run.list_checkpoints()] == ["step_00000035", "step_00000040"]
     assert (run.checkpoints / "step_00000040" / "model.safetensors").exists()
     assert RunDir(out).read_config()["steps"] == 40
@@ -76,8 +81,9 @@ def test_fit_writes_a_complete_run_and_learns(trained):
     assert json.loads((out / "export" / "config.json").read_text())["pretrained_cfg"]["std"] == [0.5] * 3
     fid = json.loads(run.fidelity.read_text())
     assert fid["split"] == "validation" and len(fid["val_slides"]) == 1
-    assert fid["after"]["cosine"] > fid["before"]["cosine"] + 0.2
-    assert {"r2", "cka_debiased"} <= set(fid["after"]) and fid["after"]["r2"] <= 1
+    assert fid["after"]["projected_cosine"] > fid["before"]["projected_cosine"] + 0.2
+    assert fid["after"]["projected_r2"] > fid["before"]["projected_r2"] and fid["after"]["projected_r2"] <= 1
+    assert {"projected_cka_debiased", "backbone_cka_debiased", "backbone_knn10_overlap"} <= set(fid["after"])
     losses = _losses(out)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     # each epoch's seeded draw is recorded: 2 batches of 8 views, at most one view per tile
@@ -196,7 +202,7 @@ def test_online_teacher_agrees_with_cached_targets(built_cache, tmp_path):
     cached = fit(fit_config(built_cache, tmp_path / "cached", steps=6))
     online = fit(fit_config(built_cache, tmp_path / "online", steps=6, online_teacher=name))
     np.testing.assert_allclose(_losses(tmp_path / "online"), _losses(tmp_path / "cached"), rtol=2e-3)
-    assert abs(online.fidelity["after"]["cosine"] - cached.fidelity["after"]["cosine"]) < 0.01
+    assert abs(online.fidelity["after"]["projected_cosine"] - cached.fidelity["after"]["projected_cosine"]) < 0.01
 
 
 def test_subsets_by_where_and_slide_list(built_cache, tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from g2l_cache import G2LError
-from g2l_student.data import epoch_rows, samples_per_epoch, split_by_slide
+from g2l_student.data import epoch_rows, patients_of_slides, samples_per_epoch, split_by_slide
 from g2l_student.losses import get_loss, logsum_loss
-from g2l_student.model import GlobalBatchNorm1d
+from g2l_student.model import GlobalBatchNorm1d, build_student, init_heads_from_targets
 from g2l_student.optim import build_optimizer, no_decay_names
 from g2l_student.schedule import EMA, G2LEarlyStop, cosine_with_warmup
 from g2l_student.similarity import centred_r2, debiased_cka, knn_overlap, linear_cka, mean_cosine
@@ -201,3 +201,30 @@ def test_centred_r2_on_hand_checked_values():
     assert centred_r2(t, t) == 1.0
     assert centred_r2(np.array([[2.0, 1.0], [2.0, 1.0]]), t) == 0.0  # the mean itself
     assert abs(centred_r2(np.array([[1.0, 1.0], [3.0, 1.0]]), t) - (1 - 2 / 4)) < 1e-12
+
+
+def test_heads_start_at_the_targets_per_dimension_mean_and_sd():
+    torch.manual_seed(0)
+    student = build_student("vit_tiny_patch16_224", 32, {"cls": 6}, random_init=True)
+    targets = torch.randn(200, 6) * torch.tensor([0.1, 0.5, 1, 2, 3, 0.05]) + torch.arange(6) * 10
+    init_heads_from_targets(student, {"cls": targets})
+    out = student(torch.rand(64, 3, 32, 32))["cls"].detach()  # train mode: batch statistics
+    torch.testing.assert_close(out.mean(0), targets.mean(0), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out.std(0, unbiased=False), targets.std(0), rtol=1e-3, atol=1e-4)
+
+
+def test_validation_split_keeps_patients_whole(tmp_path):
+    tcga = [f"TCGA-A{i % 4}-00{i % 4}{i % 4}-01Z-00-DX{i}" for i in range(12)]  # 4 patients, 3 slides each
+    patients, source = patients_of_slides(tcga)
+    assert source == "tcga" and len(set(patients.values())) == 4
+    for seed in range(5):
+        train, val = split_by_slide(tcga, 0.25, seed, patients)
+        assert len(val) == 3 and {patients[s] for s in val}.isdisjoint(patients[s] for s in train)
+    assert patients_of_slides(["a", "TCGA-A1-0011-01Z"]) == ({"a": "a", "TCGA-A1-0011-01Z": "TCGA-A1-0011-01Z"}, "slide")
+    csv = tmp_path / "patients.csv"
+    csv.write_text("slide_id,patient_id\na,p1\nb,p1\nc,p2\n")
+    assert patients_of_slides(["a", "b", "c"], str(csv)) == ({"a": "p1", "b": "p1", "c": "p2"}, "csv")
+    with pytest.raises(G2LError, match="no patient for 1 slide"):
+        patients_of_slides(["a", "d"], str(csv))
+    with pytest.raises(G2LError, match="at least 2 patients"):
+        split_by_slide(["a", "b"], 0.5, 0, {"a": "p1", "b": "p1"})

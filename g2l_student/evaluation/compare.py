@@ -12,19 +12,23 @@ from g2l_cache.errors import G2LError
 from g2l_student.evaluation.classify import classification_report, make_split
 from g2l_student.evaluation.embedder import Embeddings, read_embeddings
 from g2l_student.evaluation.robustness import pathorob_ri, ri_ratio
-from g2l_student.similarity import linear_cka
+from g2l_student.similarity import debiased_cka, knn_overlap, linear_cka
 
 METRIC_COLUMNS = ["task", "model", "metric", "value", "k", "ci_low", "ci_high"]
 RATIO_KS = (3, 20)
 BAR_METRICS = ("knn_balanced_accuracy", "linear_balanced_accuracy", "linear_auroc", "ri")
 
 
-def cka_between(a: Embeddings, b: Embeddings) -> float:
-    """Linear CKA of two models' embeddings of the same tiles (refuses different tile sets)."""
+def similarity_between(a: Embeddings, b: Embeddings, k: int = 10) -> dict[str, float]:
+    """Linear CKA, debiased CKA and k-NN overlap of two models' embeddings of the same tiles
+    (refuses different tile sets)."""
     if a.data_fingerprint != b.data_fingerprint or a.table["path"].to_list() != b.table["path"].to_list():
-        raise G2LError(f"{a.path.name} and {b.path.name} embed different tile sets; CKA compares "
+        raise G2LError(f"{a.path.name} and {b.path.name} embed different tile sets; similarity compares "
                        "two models on the same tiles.")
-    return linear_cka(a.vectors, b.vectors)
+    n = len(a.vectors)
+    return {"cka": linear_cka(a.vectors, b.vectors),
+            "cka_debiased": debiased_cka(a.vectors, b.vectors) if n >= 4 else float("nan"),
+            f"knn{k}_overlap": knn_overlap(a.vectors, b.vectors, k=k) if n > 1 else float("nan")}
 
 
 def _column(e: Embeddings, name: str) -> np.ndarray | None:
@@ -59,8 +63,9 @@ def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, see
                              "value": ri_ratio(e.vectors, labels, centers, groups, kk), "k": kk,
                              "ci_low": None, "ci_high": None})
         if e is not first:
-            rows.append({"model": name, "metric": f"cka_vs_{first.path.stem}",
-                         "value": cka_between(first, e), "k": None, "ci_low": None, "ci_high": None})
+            for metric, value in similarity_between(first, e).items():
+                rows.append({"model": name, "metric": f"{metric}_vs_{first.path.stem}",
+                             "value": value, "k": None, "ci_low": None, "ci_high": None})
     return rows, notes
 
 

@@ -49,7 +49,11 @@ def fit(
     grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm (default 1.0; 0 = off)."),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step (default 1)."),
     ema_decay: Optional[float] = typer.Option(None, help="Keep an EMA of the student (e.g. 0.999); exported if set."),
-    early_stop: Optional[str] = typer.Option(None, help="'g2l': stop when the loss exceeds its 100-step mean >10 times in a row."),
+    early_stop: Optional[str] = typer.Option(None, help="'g2l': once the smoothed loss exceeds its 100-step mean >10 times in a "
+                                            "row (never in the first 10% of steps), cool the learning rate down to 0 "
+                                            "over 2% of the steps and stop. Tune with early_stop_* keys in --config."),
+    logsum_over: Optional[str] = typer.Option(None, help="Log-sum loss: 'sample' (log of each sample's sum, then "
+                                              "the mean; default) or 'batch' (log of the sum over the whole batch)."),
     seed: Optional[int] = typer.Option(None, help="Seed for split, view choice, order and init (default 0)."),
     val_fraction: Optional[float] = typer.Option(None, help="Share of patients (TCGA barcodes or --patient-of), "
                                                  "else of slides, held out for validation (default 0.1)."),
@@ -89,19 +93,19 @@ def fit(
                            weight_decay=weight_decay, warmup_steps=warmup_steps, loss=loss,
                            alpha=alpha, target=target, cls_weight=cls_weight,
                            patch_weight=patch_weight, grad_clip=grad_clip, grad_accum=grad_accum,
-                           ema_decay=ema_decay, early_stop=early_stop, seed=seed,
+                           ema_decay=ema_decay, early_stop=early_stop, logsum_over=logsum_over, seed=seed,
                            val_fraction=val_fraction, patient_of=p(patient_of), val_every=val_every, views_per_epoch=views_per_epoch,
                            slides=p(slides), where=where, num_workers=num_workers,
                            checkpoint_every=checkpoint_every, online_teacher=online_teacher,
                            online_teacher_weights=p(online_teacher_weights),
                            online_random_init=online_random_init, resume=resume,
                            overwrite=overwrite, cpu=cpu)
-    for required in ("cache", "out"):
+    for required in ("out",) if resume else ("cache", "out"):
         if not values.get(required):
             raise typer.BadParameter(f"{'CACHE' if required == 'cache' else '--out'} is required.")
     if no_progress:
         values["progress"] = False
-    result = run_fit(FitConfig.from_dict(values))
+    result = run_fit(FitConfig.for_resume(values) if values.get("resume") else FitConfig.from_dict(values))
     if int(os.environ.get("RANK", "0")) == 0:
         console.print(f"run {result.run}: {result.steps} steps ({result.stopped}), final loss "
                       f"{result.final_loss if result.final_loss is None else round(result.final_loss, 4)}")

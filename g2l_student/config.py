@@ -6,11 +6,15 @@ from dataclasses import asdict, dataclass, fields
 
 from g2l_cache.errors import G2LError
 from g2l_student.data import VIEW_CHOICES
-from g2l_student.losses import LOSSES
+from g2l_student.losses import LOGSUM_OVER, LOSSES
 from g2l_student.model import DEFAULT_STUDENT
 
 TARGETS = ("cls", "mean-patch", "both")
 HEAD_INITS = ("targets", "default")
+# What a resumed run may change: none of these alters what it computes. The cache may move (the
+# run checks the cache's fingerprint instead of its path).
+RESUME_MAY_CHANGE = {"cache", "out", "resume", "overwrite", "num_workers", "progress", "checkpoint_every",
+                     "keep_checkpoints", "val_every"}
 
 
 @dataclass
@@ -38,6 +42,7 @@ class FitConfig:
     warmup_steps: int | None = None  # default: 5% of the steps
     loss: str = "logsum"
     alpha: float = 4.0
+    logsum_over: str = "sample"  # "sample": log per sample, then mean; "batch": one log of the batch's sum
     target: str = "cls"
     cls_weight: float = 1.0
     patch_weight: float = 1.0
@@ -47,6 +52,9 @@ class FitConfig:
     early_stop: str | None = None  # "g2l"
     early_stop_window: int = 100
     early_stop_patience: int = 10
+    early_stop_smoothing: float = 0.9  # EMA weight of the old smoothed loss the rule reads
+    early_stop_min_fraction: float = 0.1  # never stop in this first share of the steps
+    early_stop_cooldown: int | None = None  # LR ramp to 0 after the rule fires (default 2% of steps)
     seed: int = 0
     val_fraction: float = 0.1
     # CSV (slide_id, patient_id): the validation split keeps patients whole. TCGA barcodes need none.
@@ -72,6 +80,8 @@ class FitConfig:
             raise G2LError(f"--loss must be one of {', '.join(LOSSES)}.")
         if self.target not in TARGETS:
             raise G2LError(f"--target must be one of {', '.join(TARGETS)}.")
+        if self.logsum_over not in LOGSUM_OVER:
+            raise G2LError(f"--logsum-over must be one of {', '.join(LOGSUM_OVER)}.")
         if self.head_init not in HEAD_INITS:
             raise G2LError(f"--head-init must be one of {', '.join(HEAD_INITS)}.")
         if self.views_per_epoch not in VIEW_CHOICES:
@@ -87,6 +97,10 @@ class FitConfig:
             raise G2LError("--steps / --epochs must be at least 1.")
         if self.early_stop not in (None, "g2l"):
             raise G2LError("--early-stop takes 'g2l' (or nothing).")
+        if not 0 <= self.early_stop_smoothing < 1 or not 0 <= self.early_stop_min_fraction <= 1:
+            raise G2LError("--early-stop-smoothing must be in [0, 1) and --early-stop-min-fraction in [0, 1].")
+        if self.early_stop_cooldown is not None and self.early_stop_cooldown < 0:
+            raise G2LError("--early-stop-cooldown must be 0 or more steps.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise G2LError("--ema-decay must be in (0, 1).")
         for name in ("student_mean", "student_std"):
@@ -99,6 +113,27 @@ class FitConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def check_resumable(self, saved: dict) -> None:
+        """Refuse to resume with options that differ from the run's config.toml (`saved`)."""
+        mine = self.to_dict()
+        differ = [f"--{k.replace('_', '-')} {mine[k]!r} (the run has {saved.get(k)!r})"
+                  for k in mine if k not in RESUME_MAY_CHANGE and mine[k] != saved.get(k)]
+        if differ:
+            raise G2LError("--resume continues a run with the options it started with; these differ: "
+                           + "; ".join(differ) + ". Leave them out (they come from the run's config.toml) "
+                           "or start a new run.")
+
+    @classmethod
+    def for_resume(cls, given: dict) -> "FitConfig":
+        """The config of the run in given['out'], from its config.toml; options in `given` may only
+        repeat it (or change what RESUME_MAY_CHANGE lists)."""
+        from g2l_student.rundir import RunDir
+
+        saved = RunDir(given["out"]).read_config()
+        cfg = cls.from_dict({**saved, **given, "resume": True, "overwrite": False})
+        cfg.check_resumable(saved)
+        return cfg
 
     @classmethod
     def from_dict(cls, values: dict) -> "FitConfig":

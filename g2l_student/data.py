@@ -127,20 +127,23 @@ def epoch_rows(tiles: np.ndarray, epoch: int, seed: int, views_per_epoch: str) -
     """Positions in a view selection that an epoch visits, in visiting order.
 
     `tiles`: the tile of each selected view, a tile's views next to each other (views are stored
-    tile by tile). "one": each tile contributes one of its K views, drawn from (seed, epoch);
-    "all": every view. The order is a (seed, epoch) permutation, so an epoch can be replayed or
-    resumed exactly.
+    tile by tile). "one": each tile contributes one of its K views, and K epochs in a row visit
+    all K of them (a seeded order per tile, drawn anew every K epochs); "all": every view. The
+    visiting order is a (seed, epoch) permutation, so an epoch can be replayed or resumed exactly.
     """
     if views_per_epoch not in VIEW_CHOICES:
         raise G2LError(f"--views-per-epoch must be one of {', '.join(VIEW_CHOICES)}.")
-    rng = np.random.default_rng([seed, 1000 + epoch])
     if views_per_epoch == "all":
         rows = np.arange(len(tiles))
     else:
         starts = np.flatnonzero(np.r_[True, tiles[1:] != tiles[:-1]])
         counts = np.diff(np.r_[starts, len(tiles)])
-        rows = starts + (rng.random(len(starts)) * counts).astype(np.int64)
-    return rows[rng.permutation(len(rows))]
+        cycle, position = divmod(epoch, int(counts.max()) if len(counts) else 1)
+        keys = np.random.default_rng([seed, 2000 + cycle]).random(len(tiles))
+        # views sorted by (tile, key): each tile's block is a seeded order of its views
+        in_cycle_order = np.lexsort((keys, np.repeat(np.arange(len(starts)), counts)))
+        rows = in_cycle_order[starts + position % counts]
+    return rows[np.random.default_rng([seed, 1000 + epoch]).permutation(len(rows))]
 
 
 class CachedViews(Dataset):

@@ -8,13 +8,19 @@ import torch.nn.functional as F
 from g2l_cache.errors import G2LError
 
 LOSSES = ("logsum", "cosine", "smooth-l1", "mse")
+LOGSUM_OVER = ("sample", "batch")
 
 
-def logsum_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
-    """G2L's loss: mean over samples of log(sum_i |s_i - t_i| ** alpha)."""
+def logsum_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 4.0,
+                over: str = "sample") -> torch.Tensor:
+    """G2L's loss: mean over samples of log(sum_i |s_i - t_i| ** alpha) (`over="sample"`), or
+    log of that sum over the whole batch (`over="batch"`, a few large errors then dominate)."""
     diff = (student.float() - teacher.float()).abs()
     # log-sum-exp form of log(sum |d|^alpha): stable when |d|^alpha under- or overflows.
-    return torch.logsumexp(alpha * torch.log(diff.clamp_min(1e-30)), dim=1).mean()
+    logs = alpha * torch.log(diff.clamp_min(1e-30))
+    if over == "batch":
+        return torch.logsumexp(logs.flatten(), dim=0)
+    return torch.logsumexp(logs, dim=1).mean()
 
 
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -32,10 +38,12 @@ def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return ((student.float() - teacher.float()) ** 2).sum(1).mean()
 
 
-def get_loss(name: str, alpha: float = 4.0):
+def get_loss(name: str, alpha: float = 4.0, logsum_over: str = "sample"):
     """The loss function called `name` (one of LOSSES)."""
     if name == "logsum":
-        return lambda s, t: logsum_loss(s, t, alpha)
+        if logsum_over not in LOGSUM_OVER:
+            raise G2LError(f"logsum_over must be one of {', '.join(LOGSUM_OVER)}, got {logsum_over!r}.")
+        return lambda s, t: logsum_loss(s, t, alpha, logsum_over)
     table = {"cosine": cosine_loss, "smooth-l1": smooth_l1_loss, "mse": mse_loss}
     if name not in table:
         raise G2LError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}.")

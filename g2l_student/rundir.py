@@ -93,8 +93,11 @@ class RunDir:
         self._write_json(self.run_json, {**self.info(), **values})
 
     def read_config(self) -> dict:
+        """The run's resolved options (config.toml, plain TOML data)."""
         import tomllib
 
+        if not self.config.is_file():
+            raise G2LError(f"nothing to resume in {self.root} (no config.toml); start the run without --resume.")
         return tomllib.loads(self.config.read_text())
 
     @staticmethod

@@ -8,39 +8,68 @@ from collections import deque
 import torch
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int):
-    """Linear warmup to the base LR over `warmup` steps, then cosine decay to 0 at `total`."""
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                       early_stop: "G2LEarlyStop | None" = None):
+    """Linear warmup to the base LR over `warmup` steps, then cosine decay to 0 at `total`; once
+    `early_stop` has fired, also its linear cool-down to 0."""
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            base = (step + 1) / warmup
+        else:
+            progress = (step - warmup) / max(1, total - warmup)
+            base = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return base * (early_stop.lr_factor(step) if early_stop is not None else 1.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class G2LEarlyStop:
-    """Stop once the loss has been above the mean of its previous `window` values more than
-    `patience` times in a row (the G2L paper's rule, read as consecutive exceedances)."""
+    """The G2L paper's rule on a smoothed loss, with a cool-down before the stop.
 
-    def __init__(self, window: int = 100, patience: int = 10):
-        self.window, self.patience = window, patience
+    The loss is smoothed by an exponential moving average (`smoothing`: weight of the old value);
+    the rule fires once the smoothed loss has been above the mean of its previous `window` values
+    more than `patience` times in a row, but never before `min_step` (a noisy loss that is still
+    falling early on is no reason to stop). Then the learning rate falls linearly to 0 over
+    `cooldown` steps and training stops (`update` returns True) at the end of that tail.
+    """
+
+    def __init__(self, window: int = 100, patience: int = 10, smoothing: float = 0.9, min_step: int = 0,
+                 cooldown: int = 0):
+        self.window, self.patience, self.smoothing = window, patience, smoothing
+        self.min_step, self.cooldown = min_step, cooldown
         self.history: deque = deque(maxlen=window)
         self.exceeded = 0
+        self.smoothed: float | None = None
+        self.step = 0
+        self.fired_at: int | None = None
 
     def update(self, loss: float) -> bool:
-        """Record one step's loss; True when training should stop."""
-        if len(self.history) == self.window:
-            mean = sum(self.history) / self.window
-            self.exceeded = self.exceeded + 1 if loss > mean else 0
-        self.history.append(loss)
-        return self.exceeded > self.patience
+        """Record one step's loss; True when training should stop (the cool-down is over)."""
+        self.step += 1
+        self.smoothed = loss if self.smoothed is None else \
+            self.smoothing * self.smoothed + (1 - self.smoothing) * loss
+        if self.fired_at is None:
+            if len(self.history) == self.window:
+                mean = sum(self.history) / self.window
+                self.exceeded = self.exceeded + 1 if self.smoothed > mean else 0
+            self.history.append(self.smoothed)
+            if self.exceeded > self.patience and self.step >= self.min_step:
+                self.fired_at = self.step
+        return self.fired_at is not None and self.step >= self.fired_at + self.cooldown
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate at scheduler step `step`: 1, then the cool-down ramp."""
+        if self.fired_at is None:
+            return 1.0
+        return max(0.0, 1 - (step - self.fired_at) / max(1, self.cooldown))
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "exceeded": self.exceeded}
+        return {"history": list(self.history), "exceeded": self.exceeded, "smoothed": self.smoothed,
+                "step": self.step, "fired_at": self.fired_at}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = deque(state["history"], maxlen=self.window)
-        self.exceeded = state["exceeded"]
+        self.exceeded, self.smoothed = state["exceeded"], state["smoothed"]
+        self.step, self.fired_at = state["step"], state["fired_at"]
 
 
 class EMA:

@@ -186,6 +186,8 @@ def fit(cfg: FitConfig) -> FitResult:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     # --- set-up -------------------------------------------------------------------------------
+    if cfg.resume:  # the run's own options; differing ones are refused
+        cfg = FitConfig.for_resume({k: v for k, v in cfg.to_dict().items() if v is not None})
     use_cpu = cfg.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if use_cpu else "bf16",
                               gradient_accumulation_steps=cfg.grad_accum,
@@ -230,14 +232,15 @@ def fit(cfg: FitConfig) -> FitResult:
     total = cfg.steps or (cfg.epochs or 1) * (batches_per_epoch // cfg.grad_accum)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
     optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay, accelerator.device)
-    scheduler = cosine_with_warmup(optimizer, warmup, total)
+    state = TrainState()
+    early_stop = G2LEarlyStop(cfg.early_stop_window, cfg.early_stop_patience, cfg.early_stop_smoothing,
+                              min_step=math.ceil(cfg.early_stop_min_fraction * total),
+                              cooldown=cfg.early_stop_cooldown if cfg.early_stop_cooldown is not None
+                              else max(1, round(0.02 * total)))
+    scheduler = cosine_with_warmup(optimizer, warmup, total, early_stop)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    state, early_stop = TrainState(), G2LEarlyStop(cfg.early_stop_window, cfg.early_stop_patience)
     ema = EMA(accelerator.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay else None
-    for obj in (state, early_stop, ema):
-        if obj is not None:
-            accelerator.register_for_checkpointing(obj)
-    loss_fn = get_loss(cfg.loss, cfg.alpha)
+    loss_fn = get_loss(cfg.loss, cfg.alpha, cfg.logsum_over)
     fid_views, fid_split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
     fid_set = Subset(train_set, fid_views.tolist())
 
@@ -245,6 +248,7 @@ def fit(cfg: FitConfig) -> FitResult:
     checkpoint = run.last_checkpoint() if cfg.resume else None
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        _load_loop_state(checkpoint, state, early_stop, ema)
         if main:
             run.truncate_metrics(state.step)
     elif main:
@@ -309,7 +313,7 @@ def fit(cfg: FitConfig) -> FitResult:
         if stop or state.step % cfg.checkpoint_every == 0 or state.step == total:
             if unlogged is not None:  # a checkpoint's metrics must be on disk with it
                 last_loss, unlogged = _log_step(run, progress, unlogged, main), None
-            _save_checkpoint(accelerator, run, state.step, cfg.keep_checkpoints, ema)
+            _save_checkpoint(accelerator, run, state, early_stop, cfg.keep_checkpoints, ema)
         if stop:
             stopped = "early-stop"
             break
@@ -374,16 +378,20 @@ def _worker_kwargs(num_workers: int, use_cpu: bool) -> dict:
             "worker_init_fn": loader_worker_init()}
 
 
-def _save_checkpoint(accelerator, run: RunDir, step: int, keep: int, ema: EMA | None) -> None:
+def _save_checkpoint(accelerator, run: RunDir, state: TrainState, early_stop: G2LEarlyStop, keep: int,
+                     ema: EMA | None) -> None:
     """Accelerate state (weights as safetensors) into a temp folder, renamed when complete.
 
-    With an EMA, its weights also go to ema.safetensors, which `export` prefers.
+    The loop's own state goes to loop_state.json and, with an EMA, ema.safetensors (which `export`
+    prefers): nothing of ours is pickled, so resuming never unpickles a run folder's files.
     """
-    final = run.checkpoint_dir(step)
+    final = run.checkpoint_dir(state.step)
     tmp = final.with_name(final.name + ".tmp")
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_text_atomic(tmp / LOOP_STATE, json.dumps({"train": state.state_dict(),
+                                                        "early_stop": early_stop.state_dict()}))
         if ema is not None:
             from safetensors.torch import save_file
 
@@ -395,6 +403,24 @@ def _save_checkpoint(accelerator, run: RunDir, step: int, keep: int, ema: EMA | 
         os.replace(tmp, final)
         run.prune_checkpoints(keep)
     accelerator.wait_for_everyone()
+
+
+LOOP_STATE = "loop_state.json"
+
+
+def _load_loop_state(checkpoint: Path, state: TrainState, early_stop: G2LEarlyStop, ema: EMA | None) -> None:
+    """Step counters, early-stop history and EMA weights of a checkpoint (JSON and safetensors)."""
+    path = checkpoint / LOOP_STATE
+    if not path.is_file():
+        raise G2LError(f"checkpoint {checkpoint} has no {LOOP_STATE} (written by an older g2l); "
+                       "start the run again with --overwrite.")
+    saved = json.loads(path.read_text())
+    state.load_state_dict(saved["train"])
+    early_stop.load_state_dict(saved["early_stop"])
+    if ema is not None:
+        from safetensors.torch import load_file
+
+        ema.shadow = {k: v.float() for k, v in load_file(str(checkpoint / "ema.safetensors")).items()}
 
 
 def _write_fidelity(run: RunDir, data: dict) -> None:

@@ -274,7 +274,7 @@ def test_output_folder_rules_and_changed_cache(built_cache, demo_dir, tmp_path):
     no_mpp = demo_dir / "no_mpp" / "slide-no-mpp.tif"
     run_build(small_config(cache, [demo_dir, no_mpp], mpp_override=0.5))
     with pytest.raises(G2LError, match="cache changed"):
-        fit(fit_config(cache, out, steps=4, resume=True))
+        fit(fit_config(cache, out, steps=3, resume=True))
 
 
 def test_both_targets_ema_accumulation_and_early_stop(built_cache, tmp_path):
@@ -313,8 +313,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(buil
     real = train.get_loss
     calls = {"n": 0}
 
-    def poisoned(name, alpha):
-        loss_fn = real(name, alpha)
+    def poisoned(*args):
+        loss_fn = real(*args)
 
         def fn(s, t):
             calls["n"] += 1
@@ -329,3 +329,34 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(buil
     run = RunDir(out)
     assert [p.name for p in run.list_checkpoints()] == ["step_00000002", "step_00000004"]
     assert run.info()["status"] == "failed"
+
+
+def test_resume_takes_the_runs_options_refuses_others_and_unpickles_nothing(built_cache, tmp_path):
+    out = tmp_path / "run"
+    first = fit(fit_config(built_cache, out, steps=4, checkpoint_every=2, ema_decay=0.9,
+                           early_stop="g2l", early_stop_window=2, early_stop_patience=50))
+    run = RunDir(out)
+    from accelerate.utils.other import load as accelerate_load  # torch.load(weights_only=True) + numpy arrays
+
+    for path in run.last_checkpoint().iterdir():  # ours: JSON/safetensors; accelerate's: weights-only loads
+        assert path.suffix in (".json", ".safetensors", ".bin", ".pkl"), path
+        if path.suffix in (".bin", ".pkl"):
+            accelerate_load(path)
+    assert "loop_state.json" in {p.name for p in run.last_checkpoint().iterdir()}
+    bad = CliRunner().invoke(app, ["student", "fit", "--out", str(out), "--resume", "--steps", "12",
+                                   "--lr", "0.5", "--loss", "mse"])
+    assert bad.exit_code == 2, bad.output
+    text = " ".join(bad.output.split())
+    for expected in ("--steps 12 (the run has 4)", "--lr 0.5 (the run has 0.0001)", "--loss 'mse' (the run has 'logsum')"):
+        assert expected in text
+    assert RunDir(out).read_config()["loss"] == "logsum"
+    # drop the last checkpoint: `--resume --out` alone continues from step 2 with the run's options
+    # (with the defaults instead it would fetch a ViT-L from the hub) and repeats steps 3-4 exactly
+    losses = _losses(out)
+    shutil.rmtree(run.last_checkpoint())
+    res = CliRunner().invoke(app, ["student", "fit", "--out", str(out), "--resume", "--no-progress",
+                                   "--num-workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert [int(r["step"]) for r in run.read_metrics()] == [1, 2, 3, 4]
+    np.testing.assert_allclose(_losses(out), losses, rtol=1e-5)
+    assert first.final_loss == pytest.approx(losses[-1], rel=1e-6)

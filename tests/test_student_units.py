@@ -1,5 +1,6 @@
 """Stage-two pieces on their own: losses, split, epoch plan, schedule, early stop, similarity."""
 
+import json
 import math
 
 import numpy as np
@@ -24,6 +25,8 @@ def test_logsum_loss_matches_hand_computation():
     assert abs(float(logsum_loss(S, T, alpha=4)) - expected) < 1e-6
     # alpha 2: 1 + 4 = 5 and 4
     assert abs(float(get_loss("logsum", 2.0)(S, T)) - (math.log(5) + math.log(4)) / 2) < 1e-6
+    # over the whole batch: log(17 + 16)
+    assert abs(float(get_loss("logsum", 4.0, "batch")(S, T)) - math.log(33)) < 1e-6
 
 
 def test_other_losses_match_hand_computation():
@@ -62,8 +65,12 @@ def test_epoch_rows_draw_one_view_per_tile_and_replay():
     assert samples_per_epoch(tiles, "one") == n_tiles and samples_per_epoch(tiles, "all") == n_tiles * k
     assert np.array_equal(rows, epoch_rows(tiles, 0, 1, "one"))
     assert not np.array_equal(rows, epoch_rows(tiles, 1, 1, "one"))
-    chosen = [set(epoch_rows(tiles, e, 1, "one").tolist()) for e in range(8)]
-    assert len(set().union(*chosen)) > len(tiles) // 2  # over epochs, many different views
+    # K epochs in a row visit each tile's K views once each, in an order drawn anew every K epochs
+    for cycle in range(3):
+        chosen = np.concatenate([epoch_rows(tiles, e, 1, "one") for e in range(cycle * k, cycle * k + k)])
+        assert sorted(chosen.tolist()) == list(range(len(tiles)))
+    firsts = [tuple(epoch_rows(tiles, e, 1, "one")) for e in (0, k, 2 * k)]
+    assert len(set(map(frozenset, firsts))) > 1
     assert sorted(epoch_rows(tiles, 0, 1, "all")) == list(range(len(tiles)))
 
 
@@ -80,17 +87,44 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_g2l_early_stop_rule():
-    stop = G2LEarlyStop(window=5, patience=2)
+    stop = G2LEarlyStop(window=5, patience=2, smoothing=0)  # no smoothing: the paper's raw rule
     assert not any(stop.update(v) for v in [5, 4, 3, 2, 1])  # history filling, falling
     assert not stop.update(10) and not stop.update(10)  # 2 exceedances: not more than 2
     state = stop.state_dict()
     assert stop.update(10)  # third in a row
-    again = G2LEarlyStop(window=5, patience=2)
+    again = G2LEarlyStop(window=5, patience=2, smoothing=0)
     again.load_state_dict(state)
     assert again.update(10)
-    reset = G2LEarlyStop(window=3, patience=1)
+    reset = G2LEarlyStop(window=3, patience=1, smoothing=0)
     for v in [3, 3, 3, 4, 1, 4]:  # an improvement in between resets the count
         assert not reset.update(v)
+
+
+def test_early_stop_smooths_waits_for_ten_percent_and_cools_the_lr_down():
+    rng = np.random.default_rng(0)
+    noisy = 5 * np.exp(-np.arange(1000) / 300) + rng.normal(0, 1.0, 1000)  # falling, noise >> trend
+    raw = G2LEarlyStop(window=20, patience=3, smoothing=0)
+    assert any(raw.update(v) for v in noisy[:100])  # the raw rule stops on noise in the first 10%
+    smooth = G2LEarlyStop(window=20, patience=3, smoothing=0.9, min_step=100)
+    assert not any(smooth.update(v) for v in noisy[:100])
+    # a loss that has levelled off and creeps up: fires, then a 10-step cool-down to lr 0, then stops
+    stop = G2LEarlyStop(window=10, patience=2, smoothing=0.5, min_step=0, cooldown=10)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup=1, total=10_000, early_stop=stop)
+    losses, lrs, stopped = [1.0] * 20 + [1.0 + 0.01 * i for i in range(1, 100)], [], None
+    for step, value in enumerate(losses, 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if stop.update(value):
+            stopped = step
+            break
+    assert stop.fired_at is not None and stopped == stop.fired_at + 10
+    assert lrs[stop.fired_at - 1] > 0.99 and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a > b for a, b in zip(lrs[stop.fired_at:], lrs[stop.fired_at + 1:]))
+    restored = G2LEarlyStop(window=10, patience=2, smoothing=0.5, cooldown=10)
+    restored.load_state_dict(json.loads(json.dumps(stop.state_dict())))  # stored as JSON in checkpoints
+    assert restored.lr_factor(stopped) == stop.lr_factor(stopped) == 0
 
 
 def test_ema_is_the_decayed_average_of_the_weights():

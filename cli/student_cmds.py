@@ -69,6 +69,9 @@ def fit(
     online_teacher: Optional[str] = typer.Option(None, help="Compute targets live with this teacher (baseline / check)."),
     online_teacher_weights: Optional[Path] = typer.Option(None, help="Weights for --online-teacher."),
     online_random_init: bool = typer.Option(False, "--online-random-init", help="Random weights for --online-teacher."),
+    fresh_views: bool = typer.Option(False, "--fresh-views", help="With --online-teacher: every epoch draws a new "
+                                     "view of each training tile (view index K + epoch, from the stored tile) "
+                                     "instead of a cached one: the paper's online baseline."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
     cpu: bool = typer.Option(False, "--cpu", help="Train on CPU even if a GPU is present."),
@@ -98,7 +101,7 @@ def fit(
                            slides=p(slides), where=where, num_workers=num_workers,
                            checkpoint_every=checkpoint_every, online_teacher=online_teacher,
                            online_teacher_weights=p(online_teacher_weights),
-                           online_random_init=online_random_init, resume=resume,
+                           online_random_init=online_random_init, fresh_views=fresh_views, resume=resume,
                            overwrite=overwrite, cpu=cpu)
     for required in ("out",) if resume else ("cache", "out"):
         if not values.get(required):

@@ -88,6 +88,10 @@ class CacheReader:
     def n_views(self) -> int:
         return len(self.view_index)
 
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tile_index)
+
     # -- teachers ----------------------------------------------------------------------------
     def teacher(self, key: str | None = None) -> dict:
         """A teacher's manifest entry by fingerprint or name; the only (or first complete) if None."""

@@ -70,6 +70,7 @@ class FitConfig:
     online_teacher: str | None = None
     online_teacher_weights: str | None = None
     online_random_init: bool = False
+    fresh_views: bool = False  # with online_teacher: a new view of every tile each epoch (index K + epoch)
     resume: bool = False
     overwrite: bool = False
     cpu: bool = False
@@ -108,6 +109,8 @@ class FitConfig:
             if value is not None and (len(value) != 3 or (name == "student_std" and min(value) <= 0)):
                 raise G2LError(f"--{name.replace('_', '-')} takes three values (R,G,B)"
                                f"{', all positive' if name == 'student_std' else ''}, got {value}.")
+        if self.fresh_views and not self.online_teacher:
+            raise G2LError("--fresh-views needs --online-teacher NAME: no cache holds targets of views drawn during training.")
         if self.resume and self.overwrite:
             raise G2LError("give --resume or --overwrite, not both.")
 

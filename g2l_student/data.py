@@ -10,7 +10,7 @@ import polars as pl
 import torch
 from torch.utils.data import Dataset
 
-from g2l_cache import CacheReader, G2LError
+from g2l_cache import CacheReader, G2LError, apply_view, sample_view
 
 VIEW_CHOICES = ("one", "all")
 
@@ -165,3 +165,28 @@ class CachedViews(Dataset):
             return view, torch.zeros(0), torch.zeros(0)
         emb, patch = self.reader.target(self.teacher_fp, i)
         return view, torch.from_numpy(emb.astype(np.float32)), torch.from_numpy(patch.astype(np.float32))
+
+
+def fresh_item(tiles: np.ndarray, k: int) -> np.ndarray:
+    """FreshViews items for view `k` of each tile (rows of tiles.parquet)."""
+    return (np.int64(k) << 32) | tiles.astype(np.int64)
+
+
+class FreshViews(Dataset):
+    """Item (k << 32 | tile): view k of that tile drawn as the cache draws its views
+    (`sample_view(cache seed, tile_id, k)` on the stored tile), for any k; k < K replays a cached
+    view, k >= K is one no cache holds. No targets: a live teacher makes them."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+        self._tile_ids: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.reader.n_tiles
+
+    def __getitem__(self, item: int):
+        tile, k = int(item) & 0xFFFFFFFF, int(item) >> 32
+        if self._tile_ids is None:  # read once per process (DataLoader workers included)
+            self._tile_ids = pl.read_parquet(self.reader.layout.tiles, columns=["tile_id"])["tile_id"].to_numpy()
+        params = sample_view(self.reader.seed, str(self._tile_ids[tile]), k, self.reader.policy)
+        return apply_view(self.reader.tile_pixels(tile), params), torch.zeros(0), torch.zeros(0)

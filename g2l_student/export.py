@@ -97,6 +97,9 @@ def recompute_fidelity(run: RunDir) -> dict:
     if ckpt is None:
         raise G2LError(f"{run.root} has no checkpoint yet; nothing to report.")
     data = load_fit_data(cfg)
+    if data.teacher is None:
+        raise G2LError(f"{run.root} was trained against a live teacher with no cached targets; its "
+                       "fidelity.json holds the report measured at the end of the fit.")
     dims = head_dims(cfg.target, data.teacher["embed_dim"], data.teacher["patch_dim"])
     student = build_student(cfg.student, cfg.img_size, dims, random_init=True, mean=cfg.student_mean,
                             std=cfg.student_std)

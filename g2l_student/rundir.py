@@ -20,10 +20,11 @@ VAL_COLUMNS = ["val_projected_cosine", "val_projected_r2", "val_projected_cka_de
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "data_seconds", *VAL_COLUMNS]
 
 
-def cache_fingerprint(manifest: dict, teacher_fp: str) -> str:
-    """What the run depends on in the cache: settings, the teacher's targets, and the counts."""
+def cache_fingerprint(manifest: dict, teacher_fp: str | None) -> str:
+    """What the run depends on in the cache: settings, the teacher's targets (None: a live teacher
+    reads none), and the counts."""
     blob = json.dumps({"settings": manifest["settings"], "teacher": teacher_fp,
-                       "targets": manifest["teachers"][teacher_fp].get("n_targets"),
+                       "targets": manifest["teachers"][teacher_fp].get("n_targets") if teacher_fp else None,
                        "counts": manifest.get("counts")}, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()
 

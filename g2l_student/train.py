@@ -24,7 +24,7 @@ from g2l_cache.teachers import TeacherSpec, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.workers import loader_worker_init
 from g2l_student.config import FitConfig
-from g2l_student.data import (CachedViews, epoch_rows, patients_of_slides, samples_per_epoch, select_views,
+from g2l_student.data import (CachedViews, FreshViews, epoch_rows, fresh_item, patients_of_slides, samples_per_epoch, select_views,
                               split_by_slide, view_slides)
 from g2l_student.fidelity import measure_fidelity
 from g2l_student.losses import get_loss
@@ -56,25 +56,34 @@ class RunSampler(Sampler):
     One sampler for the whole run means no pipeline stall at epoch boundaries, and a resumed run
     starts at its exact micro-batch without replaying the loader. With `record_to`, each epoch's
     draw is written to record_to/epoch_NNNNNN.parquet (column `view`) as it is made.
+
+    With `fresh_from` = K, epoch e instead visits view K + e of every training tile, a view no
+    cache holds (FreshViews items; recorded as columns `tile` and `k`).
     """
 
     def __init__(self, views: np.ndarray, tiles: np.ndarray, seed: int, mode: str, batch_size: int,
-                 start: int, stop: int, record_to: Path | None = None):
-        self.views, self.tiles, self.seed, self.mode = views, tiles, seed, mode
+                 start: int, stop: int, record_to: Path | None = None, fresh_from: int | None = None):
+        self.views, self.tiles, self.seed = views, tiles, seed
+        self.mode = "one" if fresh_from is not None else mode
         self.batch_size, self.start, self.stop, self.record_to = batch_size, start, stop, record_to
-        self.batches_per_epoch = samples_per_epoch(tiles, mode) // batch_size
+        self.fresh_from = fresh_from
+        self.batches_per_epoch = samples_per_epoch(tiles, self.mode) // batch_size
 
     def epoch_of(self, micro_batch: int) -> int:
         return micro_batch // self.batches_per_epoch
 
     def _epoch(self, epoch: int) -> np.ndarray:
         rows = epoch_rows(self.tiles, epoch, self.seed, self.mode)[:self.batches_per_epoch * self.batch_size]
-        drawn = self.views[rows]
+        if self.fresh_from is None:
+            drawn, record = self.views[rows], {"view": self.views[rows]}
+        else:
+            k = self.fresh_from + epoch
+            drawn, record = fresh_item(self.tiles[rows], k), {"tile": self.tiles[rows], "k": np.full(len(rows), k)}
         if self.record_to is not None:
             path = self.record_to / f"epoch_{epoch:06d}.parquet"
             if not path.exists():
                 self.record_to.mkdir(parents=True, exist_ok=True)
-                pl.DataFrame({"view": drawn}).write_parquet(path)
+                pl.DataFrame(record).write_parquet(path)
         return drawn
 
     def __iter__(self):
@@ -94,7 +103,7 @@ class FitData:
     """The cache, the chosen teacher's targets and the train / validation views (rows of views.parquet)."""
 
     reader: CacheReader
-    teacher: dict
+    teacher: dict | None  # the cached teacher whose targets train; None: only a live teacher has them
     train: np.ndarray
     val: np.ndarray
     val_slides: list[str]
@@ -107,9 +116,14 @@ class FitData:
 def load_fit_data(cfg: FitConfig) -> FitData:
     """Open the cache, pick the teacher, select views and split them by slide."""
     reader = CacheReader(cfg.cache)
-    teacher = reader.teacher(cfg.teacher)
-    if not teacher.get("complete"):
-        raise G2LError(partial_cache_message(reader, teacher))
+    if cfg.online_teacher:  # cached targets of that teacher, if complete, only seed the heads
+        teacher = next((info for fp, info in reader.manifest["teachers"].items()
+                        if cfg.online_teacher in (fp, info["spec"]["name"]) and info.get("complete")
+                        and not cfg.online_teacher_weights), None)
+    else:
+        teacher = reader.teacher(cfg.teacher)
+        if not teacher.get("complete"):
+            raise G2LError(partial_cache_message(reader, teacher))
     views = select_views(reader, cfg.slides, cfg.where)
     slide_of = view_slides(reader, views)
     names = reader.slides()["slide_id"].to_numpy()
@@ -160,10 +174,10 @@ def build_online_teacher(cfg: FitConfig, reader: CacheReader, device):
 def head_target_sample(data: FitData, dims: dict[str, int], teacher=None, seed: int = 0,
                        n_cached: int = 4096, n_live: int = 256) -> dict[str, torch.Tensor]:
     """A seeded sample of the training targets of each head: read from the cache, or computed by
-    the live teacher on fewer views (it costs a teacher forward each)."""
-    n = min(len(data.train), n_live if teacher is not None else n_cached)
+    the live teacher (when the cache has no targets of it) on fewer views."""
+    n = min(len(data.train), n_cached if data.teacher is not None else n_live)
     rows = np.sort(np.random.default_rng([seed, 11]).choice(data.train, n, replace=False))
-    if teacher is None:
+    if data.teacher is not None:
         pairs = [data.reader.target(data.teacher["fingerprint"], int(r)) for r in rows]
         emb, patch = (torch.from_numpy(np.stack(x).astype(np.float32)) for x in zip(*pairs))
     else:
@@ -201,6 +215,7 @@ def fit(cfg: FitConfig) -> FitResult:
     teacher = build_online_teacher(cfg, data.reader, accelerator.device)
     dims = head_dims(cfg.target, teacher.embed_dim if teacher else data.teacher["embed_dim"],
                      teacher.patch_dim if teacher else data.teacher["patch_dim"])
+    cached_fp = data.teacher["fingerprint"] if data.teacher else None
     student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
                             cfg.head_weights, cfg.student_mean, cfg.student_std)
     if cfg.head_init == "targets" and not cfg.head_weights and not cfg.resume:
@@ -210,7 +225,7 @@ def fit(cfg: FitConfig) -> FitResult:
     cfg.student_std = [round(float(v), 6) for v in student.std.flatten()]
     # The run folder is touched only once every input has been checked.
     run = RunDir(cfg.out)
-    cache_fp = cache_fingerprint(data.reader.manifest, data.teacher["fingerprint"])
+    cache_fp = cache_fingerprint(data.reader.manifest, cached_fp)
     error = None
     if main:
         try:
@@ -222,9 +237,11 @@ def fit(cfg: FitConfig) -> FitResult:
         raise error
     if not run.run_json.exists():
         raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
-    train_set = CachedViews(data.reader, data.teacher["fingerprint"])
+    # A live teacher makes its own targets: reading cached ones would be wasted I/O.
+    train_set = FreshViews(data.reader) if cfg.fresh_views else CachedViews(data.reader, None if teacher else cached_fp)
+    fid_base = CachedViews(data.reader, None if teacher else cached_fp)
     train_tiles = data.tiles_of(data.train)
-    per_epoch = samples_per_epoch(train_tiles, cfg.views_per_epoch)
+    per_epoch = samples_per_epoch(train_tiles, "one" if cfg.fresh_views else cfg.views_per_epoch)
     batches_per_epoch = per_epoch // cfg.batch_size
     if batches_per_epoch < cfg.grad_accum:
         raise G2LError(f"the training split has {per_epoch} samples per epoch, fewer than one step "
@@ -242,7 +259,7 @@ def fit(cfg: FitConfig) -> FitResult:
     ema = EMA(accelerator.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay else None
     loss_fn = get_loss(cfg.loss, cfg.alpha, cfg.logsum_over)
     fid_views, fid_split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
-    fid_set = Subset(train_set, fid_views.tolist())
+    fid_set = Subset(fid_base, fid_views.tolist())
 
     # --- resume or start ----------------------------------------------------------------------
     checkpoint = run.last_checkpoint() if cfg.resume else None
@@ -260,7 +277,8 @@ def fit(cfg: FitConfig) -> FitResult:
     # --- the training loop --------------------------------------------------------------------
     sampler = RunSampler(data.train, train_tiles, cfg.seed, cfg.views_per_epoch, cfg.batch_size,
                          start=state.micro_batch, stop=total * cfg.grad_accum,
-                         record_to=run.epochs if main else None)
+                         record_to=run.epochs if main else None,
+                         fresh_from=data.reader.views_per_tile if cfg.fresh_views else None)
     loader = accelerator.prepare(DataLoader(
         train_set, batch_sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
         **_worker_kwargs(cfg.num_workers, use_cpu)))

@@ -360,3 +360,29 @@ def test_resume_takes_the_runs_options_refuses_others_and_unpickles_nothing(buil
     assert [int(r["step"]) for r in run.read_metrics()] == [1, 2, 3, 4]
     np.testing.assert_allclose(_losses(out), losses, rtol=1e-5)
     assert first.final_loss == pytest.approx(losses[-1], rel=1e-6)
+
+
+def test_fresh_views_replay_cached_ones_and_train_a_live_teacher_without_targets(built_cache, tmp_path):
+    from g2l_student.data import FreshViews, fresh_item
+
+    reader = CacheReader(str(built_cache))
+    fresh, k_cached = FreshViews(reader), reader.views_per_tile
+    for view in (0, 5, reader.n_views - 1):  # view k < K drawn afresh is the cached view itself
+        entry = reader.view_index[view]
+        item = int(fresh_item(np.array([entry["tile"]]), int(entry["k"]))[0])
+        assert torch.equal(fresh[item][0], reader.replay(view))
+    beyond = fresh[int(fresh_item(np.array([0]), k_cached)[0])][0]
+    assert beyond.shape == reader.replay(0).shape and not torch.equal(beyond, reader.replay(0))
+    # a teacher the cache has no targets for: every epoch draws view K + epoch of each training tile
+    assert "vit_small_patch16_224" not in {t["spec"]["name"] for t in reader.manifest["teachers"].values()}
+    out = tmp_path / "fresh"
+    result = fit(fit_config(built_cache, out, steps=6, online_teacher="vit_small_patch16_224",
+                            online_random_init=True, fresh_views=True))
+    assert result.steps == 6 and np.isfinite(_losses(out)).all()
+    epochs = sorted(RunDir(out).epochs.glob("epoch_*.parquet"))
+    for e, path in enumerate(epochs):
+        drawn = pl.read_parquet(path)
+        assert drawn.columns == ["tile", "k"] and (drawn["k"] == k_cached + e).all()
+        assert drawn["tile"].n_unique() == drawn.height  # one view per tile
+    with pytest.raises(G2LError, match="--fresh-views needs --online-teacher"):
+        fit_config(built_cache, tmp_path / "x", fresh_views=True)

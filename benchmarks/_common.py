@@ -149,19 +149,21 @@ def bare_teacher_rate(teacher, batch: int, size: int, device: str, iters: int) -
 
 def bare_train_step_rate(student, batch: int, size: int, device: str, iters: int) -> float:
     """Steps/s of forward + backward + clip + AdamW on random tensors in memory (bf16 autocast on GPU)."""
-    from g2l_student.losses import logsum_loss
+    from g2l_student.losses import get_loss
     from g2l_student.optim import build_optimizer
+    from g2l_student.task import build_task
 
     student = student.to(device).train()
+    task = build_task(student, "both", get_loss("logsum"))  # the fit's loss, over the student's heads
     opt = build_optimizer(student, lr=1e-4, weight_decay=0.05)  # the fit's optimiser
     x = torch.rand(batch, 3, size, size, device=device)
-    targets = {k: torch.randn(batch, h[0].out_features, device=device) for k, h in student.heads.items()}
+    dims = {k: h[0].out_features for k, h in student.heads.items()}
+    t_cls, t_patch = (torch.randn(batch, dims.get(k, 1), device=device) for k in ("cls", "mean-patch"))
 
     def step():
         with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
                             dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            out = student(x)
-        loss = sum(logsum_loss(out[k], t) for k, t in targets.items())
+            loss = task.loss(x, t_cls, t_patch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()

@@ -8,8 +8,8 @@ from g2l_cache.errors import G2LError
 from g2l_student.data import VIEW_CHOICES
 from g2l_student.losses import LOGSUM_OVER, LOSSES
 from g2l_student.model import DEFAULT_STUDENT
+from g2l_student.task import TARGETS
 
-TARGETS = ("cls", "mean-patch", "both")
 HEAD_INITS = ("targets", "default")
 # What a resumed run may change: none of these alters what it computes. The cache may move (the
 # run checks the cache's fingerprint instead of its path).

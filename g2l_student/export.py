@@ -90,7 +90,8 @@ def recompute_fidelity(run: RunDir) -> dict:
     from g2l_student.data import CachedViews
     from g2l_student.fidelity import measure_fidelity
     from g2l_student.model import build_student
-    from g2l_student.train import fidelity_views, head_dims, load_fit_data
+    from g2l_student.task import head_dims
+    from g2l_student.train import fidelity_views, load_fit_data
 
     cfg = FitConfig.from_dict(run.read_config())
     ckpt = run.last_checkpoint()

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from g2l_cache.errors import G2LError
 
-LOSSES = ("logsum", "cosine", "smooth-l1", "mse")
 LOGSUM_OVER = ("sample", "batch")
 
 
@@ -38,13 +37,21 @@ def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return ((student.float() - teacher.float()) ** 2).sum(1).mean()
 
 
+# The one registry of losses: name -> function(student, teacher, alpha, logsum_over).
+LOSS_FUNCTIONS = {
+    "logsum": logsum_loss,
+    "cosine": lambda s, t, alpha, over: cosine_loss(s, t),
+    "smooth-l1": lambda s, t, alpha, over: smooth_l1_loss(s, t),
+    "mse": lambda s, t, alpha, over: mse_loss(s, t),
+}
+LOSSES = tuple(LOSS_FUNCTIONS)
+
+
 def get_loss(name: str, alpha: float = 4.0, logsum_over: str = "sample"):
-    """The loss function called `name` (one of LOSSES)."""
-    if name == "logsum":
-        if logsum_over not in LOGSUM_OVER:
-            raise G2LError(f"logsum_over must be one of {', '.join(LOGSUM_OVER)}, got {logsum_over!r}.")
-        return lambda s, t: logsum_loss(s, t, alpha, logsum_over)
-    table = {"cosine": cosine_loss, "smooth-l1": smooth_l1_loss, "mse": mse_loss}
-    if name not in table:
+    """The loss function called `name` (one of LOSSES), as f(student, teacher)."""
+    if name not in LOSS_FUNCTIONS:
         raise G2LError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}.")
-    return table[name]
+    if logsum_over not in LOGSUM_OVER:
+        raise G2LError(f"logsum_over must be one of {', '.join(LOGSUM_OVER)}, got {logsum_over!r}.")
+    fn = LOSS_FUNCTIONS[name]
+    return lambda s, t: fn(s, t, alpha, logsum_over)

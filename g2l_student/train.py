@@ -20,18 +20,18 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
 
 from g2l_cache import CacheReader, G2LError
 from g2l_cache.layout import write_text_atomic
-from g2l_cache.teachers import TeacherSpec, load_teacher
+from g2l_cache.teachers import Teacher, TeacherSpec, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.workers import loader_worker_init
 from g2l_student.config import FitConfig
 from g2l_student.data import (CachedViews, FreshViews, epoch_rows, fresh_item, patients_of_slides, samples_per_epoch, select_views,
                               split_by_slide, view_slides)
-from g2l_student.fidelity import measure_fidelity
 from g2l_student.losses import get_loss
-from g2l_student.model import build_student, init_heads_from_targets
+from g2l_student.model import Student, build_student, init_heads_from_targets
 from g2l_student.optim import build_optimizer
 from g2l_student.rundir import RunDir, cache_fingerprint
 from g2l_student.schedule import EMA, G2LEarlyStop, TrainState, cosine_with_warmup
+from g2l_student.task import build_task, head_dims
 
 
 @dataclass
@@ -188,14 +188,11 @@ def head_target_sample(data: FitData, dims: dict[str, int], teacher=None, seed: 
     return {k: {"cls": emb, "mean-patch": patch}[k] for k in dims}
 
 
-def head_dims(target: str, embed_dim: int, patch_dim: int) -> dict[str, int]:
-    """Output size of each projection head the target needs."""
-    return {k: d for k, d in (("cls", embed_dim), ("mean-patch", patch_dim))
-            if target in (k, "both")}
+def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None = None) -> FitResult:
+    """Train the student as configured; resumable from the run folder's last checkpoint.
 
-
-def fit(cfg: FitConfig) -> FitResult:
-    """Train the student as configured; resumable from the run folder's last checkpoint."""
+    `student` / `teacher`: objects to use instead of building cfg.student / cfg.online_teacher
+    by name (a teacher object is run live, as --online-teacher)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -212,13 +209,20 @@ def fit(cfg: FitConfig) -> FitResult:
     main = accelerator.is_main_process
     data = load_fit_data(cfg)
     set_seed(cfg.seed)
-    teacher = build_online_teacher(cfg, data.reader, accelerator.device)
+    teacher = teacher.to(accelerator.device) if teacher is not None else \
+        build_online_teacher(cfg, data.reader, accelerator.device)
     dims = head_dims(cfg.target, teacher.embed_dim if teacher else data.teacher["embed_dim"],
                      teacher.patch_dim if teacher else data.teacher["patch_dim"])
     cached_fp = data.teacher["fingerprint"] if data.teacher else None
-    student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
-                            cfg.head_weights, cfg.student_mean, cfg.student_std)
-    if cfg.head_init == "targets" and not cfg.head_weights and not cfg.resume:
+    built_here = student is None
+    if built_here:
+        student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
+                                cfg.head_weights, cfg.student_mean, cfg.student_std)
+    elif {k: h[0].out_features for k, h in student.heads.items()} != dims:
+        raise G2LError(f"the student's heads {sorted(student.heads)} do not match --target {cfg.target} "
+                       f"and the teacher's dimensions {dims}.")
+    cfg.student, cfg.img_size = student.arch, student.img_size
+    if cfg.head_init == "targets" and built_here and not cfg.head_weights and not cfg.resume:
         init_heads_from_targets(student, head_target_sample(data, dims, teacher, cfg.seed))
     # Recorded in config.toml and the export: the normalisation this student was trained with.
     cfg.student_mean = [round(float(v), 6) for v in student.mean.flatten()]
@@ -239,7 +243,9 @@ def fit(cfg: FitConfig) -> FitResult:
         raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
     # A live teacher makes its own targets: reading cached ones would be wasted I/O.
     train_set = FreshViews(data.reader) if cfg.fresh_views else CachedViews(data.reader, None if teacher else cached_fp)
-    fid_base = CachedViews(data.reader, None if teacher else cached_fp)
+    # Fidelity reads cached targets when the cache has them (a live teacher's own, stored as fp16),
+    # so cached and online runs are measured against the same numbers; else the live teacher.
+    fid_base, live_fidelity = CachedViews(data.reader, cached_fp), cached_fp is None
     train_tiles = data.tiles_of(data.train)
     per_epoch = samples_per_epoch(train_tiles, "one" if cfg.fresh_views else cfg.views_per_epoch)
     batches_per_epoch = per_epoch // cfg.batch_size
@@ -257,7 +263,8 @@ def fit(cfg: FitConfig) -> FitResult:
     scheduler = cosine_with_warmup(optimizer, warmup, total, early_stop)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     ema = EMA(accelerator.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay else None
-    loss_fn = get_loss(cfg.loss, cfg.alpha, cfg.logsum_over)
+    task = build_task(student, cfg.target, get_loss(cfg.loss, cfg.alpha, cfg.logsum_over), cfg.cls_weight,
+                      cfg.patch_weight, teacher)
     fid_views, fid_split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
     fid_set = Subset(fid_base, fid_views.tolist())
 
@@ -269,7 +276,7 @@ def fit(cfg: FitConfig) -> FitResult:
         if main:
             run.truncate_metrics(state.step)
     elif main:
-        before = measure_fidelity(accelerator.unwrap_model(student), fid_set, accelerator.device, teacher)
+        before = task.fidelity(fid_set, accelerator.device, accelerator.unwrap_model(student), live_fidelity)
         _write_fidelity(run, {"split": fid_split, "split_by": data.split_by, "val_slides": data.val_slides,
                               "before": before})
     accelerator.wait_for_everyone()
@@ -290,14 +297,7 @@ def fit(cfg: FitConfig) -> FitResult:
         clock.arrived(len(views), waited)
         data_wait += waited
         with accelerator.accumulate(student):
-            if teacher is not None:
-                t_cls, t_patch = teacher.embed(views)
-            out = student(views)
-            loss = 0.0
-            if cfg.target in ("cls", "both"):
-                loss = loss + cfg.cls_weight * loss_fn(out["cls"], t_cls)
-            if cfg.target in ("mean-patch", "both"):
-                loss = loss + cfg.patch_weight * loss_fn(out["mean-patch"], t_patch)
+            loss = task.loss(views, t_cls, t_patch, model=student)
             accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients and cfg.grad_clip > 0:
@@ -319,7 +319,7 @@ def fit(cfg: FitConfig) -> FitResult:
         if ema is not None:
             ema.update(accelerator.unwrap_model(student))
         if cfg.val_every and state.step % cfg.val_every == 0 and main:
-            measured = measure_fidelity(accelerator.unwrap_model(student), fid_set, accelerator.device, teacher)
+            measured = task.fidelity(fid_set, accelerator.device, accelerator.unwrap_model(student), live_fidelity)
             step.update({f"val_{k}": v for k, v in measured.items() if v is not None and k != "views"})
         # Reading the loss waits for the GPU. Without early stopping, step N is read after step
         # N+1 is queued, so the host never leaves the device idle; the rule needs it at once.
@@ -350,7 +350,7 @@ def fit(cfg: FitConfig) -> FitResult:
         model = accelerator.unwrap_model(student)
         if ema is not None:
             model.load_state_dict({**model.state_dict(), **ema.shadow}, strict=False)
-        after = measure_fidelity(model, fid_set, accelerator.device, teacher)
+        after = task.fidelity(fid_set, accelerator.device, model, live_fidelity)
         result_fidelity = {**_read_fidelity(run), "after": after, "after_step": state.step}
         _write_fidelity(run, result_fidelity)
         run.plot_loss()

@@ -203,6 +203,17 @@ def test_online_teacher_agrees_with_cached_targets(built_cache, tmp_path):
     online = fit(fit_config(built_cache, tmp_path / "online", steps=6, online_teacher=name))
     np.testing.assert_allclose(_losses(tmp_path / "online"), _losses(tmp_path / "cached"), rtol=2e-3)
     assert abs(online.fidelity["after"]["projected_cosine"] - cached.fidelity["after"]["projected_cosine"]) < 0.01
+    # the library takes a teacher object as well as a name: the same run
+    from g2l_cache.teachers import TeacherSpec, load_teacher
+
+    info = CacheReader(str(built_cache)).teacher()
+    teacher = load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"])
+    fit(fit_config(built_cache, tmp_path / "object", steps=6), teacher=teacher)
+    assert _losses(tmp_path / "object") == _losses(tmp_path / "online")
+    # and a student object, whose heads must fit the target
+    wrong = build_student("vit_tiny_patch16_224", 32, {"cls": 5}, random_init=True)
+    with pytest.raises(G2LError, match="do not match"):
+        fit(fit_config(built_cache, tmp_path / "wrong", steps=2), student=wrong)
 
 
 def test_subsets_by_where_and_slide_list(built_cache, tmp_path):

@@ -13,6 +13,7 @@ from g2l_student.losses import get_loss, logsum_loss
 from g2l_student.model import GlobalBatchNorm1d, build_student, init_heads_from_targets
 from g2l_student.optim import build_optimizer, no_decay_names
 from g2l_student.schedule import EMA, G2LEarlyStop, cosine_with_warmup
+from g2l_student.task import build_task
 from g2l_student.similarity import centred_r2, debiased_cka, knn_overlap, linear_cka, mean_cosine
 
 S = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
@@ -262,3 +263,23 @@ def test_validation_split_keeps_patients_whole(tmp_path):
         patients_of_slides(["a", "d"], str(csv))
     with pytest.raises(G2LError, match="at least 2 patients"):
         split_by_slide(["a", "b"], 0.5, 0, {"a": "p1", "b": "p1"})
+
+
+def test_distill_task_weights_each_head_and_takes_targets_from_a_live_teacher():
+    torch.manual_seed(0)
+    student = build_student("vit_tiny_patch16_224", 32, {"cls": 4, "mean-patch": 3}, random_init=True)
+    views, t_cls, t_patch = torch.rand(5, 3, 32, 32), torch.randn(5, 4), torch.randn(5, 3)
+    mse = get_loss("mse")
+    task = build_task(student, "both", mse, cls_weight=2.0, patch_weight=0.5)
+    out = student(views)
+    expected = 2.0 * mse(out["cls"], t_cls) + 0.5 * mse(out["mean-patch"], t_patch)
+    torch.testing.assert_close(task.loss(views, t_cls, t_patch), expected)
+
+    class Live(torch.nn.Module):  # a teacher whose targets are a known function of the views
+        def embed(self, v):
+            return v.mean((2, 3)).repeat(1, 2)[:, :4], v.amax((2, 3))
+
+    live = build_task(student, "both", mse, teacher=Live())
+    expected = mse(out["cls"], views.mean((2, 3)).repeat(1, 2)[:, :4]) + mse(out["mean-patch"], views.amax((2, 3)))
+    torch.testing.assert_close(live.loss(views, t_cls * 0, t_patch * 0), expected)
+    assert set(build_task(student, "cls", mse).weights) == {"cls"}

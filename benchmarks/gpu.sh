@@ -10,8 +10,8 @@
 #   The build then adds the H-optimus-0 targets from the stored tiles, so this script needs no
 #   slide reader (tiatoolbox) on the GPU machine; pass slides instead to measure slide reading too.
 set -euo pipefail
-CACHE=${1:?usage: benchmarks/gpu.sh CACHE [RESULTS_DIR]}
-OUT=${2:-benchmarks/results-gpu}
+CACHE=$(realpath -m "${1:?usage: benchmarks/gpu.sh CACHE [RESULTS_DIR]}")  # before the cd below
+OUT=$(realpath -m "${2:-benchmarks/results-gpu}")
 PY=${PYTHON:-python3}
 WORKERS=${WORKERS:-$(( $(nproc) - 2 ))}
 cd "$(dirname "$0")"

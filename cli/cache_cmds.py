@@ -7,80 +7,42 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from cli.common import console, data_wait_text, handle_errors, load_toml, merge_options
+from cli.common import console, data_wait_text, handle_errors
+from cli.options import config_command
 
 app = typer.Typer(help="Stage one: run the teacher once over tiled slides and cache its targets.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
-@app.command("build")
-@handle_errors
-def build(
-    slides: list[Path] = typer.Argument(None, help="Slide files, folders of slides, or a CSV with a "
-                                        "'path' column (optional 'slide_id', 'mpp'). May be omitted "
-                                        "when adding a teacher to an existing cache."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache folder (created, resumed, or extended)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher preset (h-optimus-0, h-optimus-1, h0-mini, "
-                                          "prov-gigapath, uni, uni2-h, virchow2) or any timm model name."),
-    teacher_weights: Optional[Path] = typer.Option(None, help="Local weights (.safetensors) instead of the hub."),
-    random_init: bool = typer.Option(False, "--random-init", help="Random teacher weights (tests, demo)."),
-    mpp: Optional[float] = typer.Option(None, help="Target microns per pixel of tiles (default 0.5)."),
-    mpp_override: Optional[float] = typer.Option(None, help="Use this level-0 mpp for every slide "
-                                                  "(slides without metadata; a CSV 'mpp' column wins)."),
-    tile_size: Optional[int] = typer.Option(None, help="Tile side in px at --mpp (default 256)."),
-    crop_size: Optional[int] = typer.Option(None, help="View crop side in px = teacher input (default 224)."),
-    views: Optional[int] = typer.Option(None, help="Augmented views per tile (default 4)."),
-    max_tiles_per_slide: Optional[int] = typer.Option(None, help="Seeded random subset of tiles per slide."),
-    tissue_threshold: Optional[float] = typer.Option(None, help="Minimum tissue fraction of a tile (default 0.5)."),
-    tissue_method: Optional[str] = typer.Option(None, help="otsu or morphological (default otsu)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for tile subsets, views and random init (default 0)."),
-    batch_size: Optional[int] = typer.Option(None, help="Views per teacher batch (default 32)."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers reading and augmenting "
-                                              "[default: cores - 1, at most 8]."),
-    tile_format: Optional[str] = typer.Option(None, help="Stored tile encoding: jpeg or png (lossless) (default jpeg)."),
-    jpeg_quality: Optional[int] = typer.Option(None, help="JPEG quality of stored tiles (default 95)."),
-    shards: Optional[int] = typer.Option(None, help="Shards of a new cache (default 64): processes take them "
-                                         "round-robin, so up to this many share a build."),
-    recursive: bool = typer.Option(False, "--recursive", help="Search slide folders recursively."),
-    strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any slide failed."),
-    cpu: bool = typer.Option(False, "--cpu", help="Run on CPU even if a GPU is present."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (logs, CI)."),
-    config: Optional[Path] = typer.Option(None, help="TOML file with any of these options ([build] table or top level)."),
-) -> None:
-    """Tile slides, make K augmented views per tile, run the teacher, and cache the targets.
+def _build(values: dict) -> None:
+    import os
+
+    from g2l_cache.build import config_from_dict, run_build
+
+    cfg = config_from_dict(values)
+    summary = run_build(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_summary(summary)
+    if not summary.succeeded(cfg.strict):
+        raise typer.Exit(1)
+
+
+def _build_command():
+    from g2l_cache.build import BuildConfig
+
+    return config_command(BuildConfig, "build", _build, """Tile slides, make K augmented views per tile, run the teacher, and cache the targets.
 
     Re-running resumes; with another --teacher it adds that teacher's targets for the same views
     without reading slides again (SLIDES and the tiling/view options may then be left out: they
-    default to the cache's). Works under torchrun /
-    accelerate launch: slides are sharded across processes.
-    """
-    from g2l_cache.build import config_from_dict, existing_cache_options, run_build
+    default to the cache's). Works under torchrun / accelerate launch: slides are sharded across
+    processes. Every option is also a key of --config FILE.toml ([build] table) and of --set.
+    """)
 
-    values = merge_options(load_toml(config, "build"), slides=[str(s) for s in slides or []],
-                           out=str(out) if out else None, teacher=teacher,
-                           teacher_weights=str(teacher_weights) if teacher_weights else None,
-                           random_init=random_init, mpp=mpp, mpp_override=mpp_override,
-                           tile_size=tile_size, crop_size=crop_size, views=views,
-                           max_tiles_per_slide=max_tiles_per_slide, tissue_threshold=tissue_threshold,
-                           tissue_method=tissue_method, seed=seed, batch_size=batch_size,
-                           num_workers=num_workers, tile_format=tile_format, jpeg_quality=jpeg_quality,
-                           shards=shards, recursive=recursive, strict=strict, cpu=cpu)
-    for required in ("out", "teacher"):
-        if not values.get(required):
-            raise typer.BadParameter(f"--{required} is required (on the command line or in --config).")
-    # Resuming or adding a teacher: options left out take the existing cache's settings.
-    values = {**existing_cache_options(values["out"]), **values}
-    if no_progress:
-        values["progress"] = False
-    summary = run_build(config_from_dict(values))
-    import os
 
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print_summary(summary)
-    if summary.slides_ok == 0 or (values.get("strict") and summary.slides_failed):
-        raise typer.Exit(1)
+app.command("build")(handle_errors(_build_command()))
 
 
 def _print_summary(summary) -> None:
@@ -100,7 +62,7 @@ def _print_summary(summary) -> None:
         failed.add_column("slide")
         failed.add_column("error")
         for slide_id, error in sorted(summary.failed.items()):
-            failed.add_row(slide_id, error)
+            failed.add_row(escape(slide_id), escape(error))
         console.print(failed)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from g2l_cache.errors import G2LError
 
@@ -31,16 +32,6 @@ def load_toml(path: Path | None, section: str | None = None) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def merge_options(from_file: dict, **given) -> dict:
-    """File values, overridden by every CLI option the user actually gave (not None / not False)."""
-    merged = dict(from_file)
-    for key, value in given.items():
-        if value is None or value is False or value == [] or value == ():
-            continue
-        merged[key] = list(value) if isinstance(value, tuple) else value
-    return merged
-
-
 def handle_errors(fn):
     """Print G2LError as one red line and exit 2, instead of a traceback."""
 
@@ -49,7 +40,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except G2LError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}")
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted; committed work is kept, re-run to resume.[/]")

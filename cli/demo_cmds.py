@@ -9,7 +9,7 @@ import typer
 from cli.common import console, handle_errors
 
 app = typer.Typer(help="Demo data from the real H&E image that ships with tiatoolbox.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
 @app.command("slides")

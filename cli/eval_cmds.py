@@ -11,7 +11,7 @@ from rich.table import Table
 from cli.common import console, handle_errors
 
 app = typer.Typer(help="Evaluate embeddings the way the G2L paper does (kNN, linear probe, CKA, RI).",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None)
 
 
 @handle_errors

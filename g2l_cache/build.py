@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,8 @@ from g2l_cache.errors import G2LError
 from g2l_cache.layout import CACHE_FORMAT, SCHEMA_VERSION, CacheLayout, now_iso, read_manifest, write_manifest
 from g2l_cache.slides import SlideSpec, discover_slides, worker_count_hint
 from g2l_cache.store import BackgroundWriter, ShardWriter, encode_targets
-from g2l_cache.teachers import Teacher, TeacherSpec, load_teacher
+from g2l_cache.options import option
+from g2l_cache.teachers import PRESET_NAMES, Teacher, TeacherSpec, load_teacher
 from g2l_cache.tile_codec import TILE_FORMATS
 from g2l_cache.tiling import TilingConfig
 from g2l_cache.timing import BatchClock, timed_iter
@@ -37,31 +38,42 @@ DEFAULT_SHARDS = 64  # fixed at creation; ranks take shards round-robin, so up t
 
 @dataclass
 class BuildConfig:
-    """Every option of `g2l cache build`; the CLI and TOML files fill this, nothing else."""
+    """Every option of `g2l cache build`: its default, help and group are written here only."""
 
-    out: str
-    teacher: str
-    slides: list[str] = field(default_factory=list)
-    teacher_weights: str | None = None
-    random_init: bool = False
-    mpp: float = 0.5
-    mpp_override: float | None = None
-    tile_size: int = 256
-    crop_size: int = 224
-    views: int = 4
-    max_tiles_per_slide: int | None = None
-    tissue_threshold: float = 0.5
-    tissue_method: str = "otsu"
-    seed: int = 0
-    batch_size: int = 32
-    num_workers: int = field(default_factory=worker_count_hint)
-    tile_format: str = "jpeg"
-    jpeg_quality: int = 95
-    shards: int = DEFAULT_SHARDS
-    recursive: bool = False
-    strict: bool = False
-    cpu: bool = False
-    progress: bool = True
+    out: str = option(help="Cache folder (created, resumed, or extended).", group="input and output", short="-o")
+    teacher: str = option(help=f"Teacher preset ({', '.join(PRESET_NAMES)}) or any timm model name.",
+                          group="teacher")
+    slides: list[str] = option(default_factory=list, kind="arguments", group="input and output",
+                               help="Slide files, folders of slides, or a CSV with a 'path' column (optional "
+                               "'slide_id', 'mpp'). May be omitted when resuming or adding a teacher.")
+    recursive: bool = option(False, group="input and output", help="Search slide folders recursively.")
+    teacher_weights: str | None = option(None, group="teacher",
+                                         help="Local weights (.safetensors) instead of the hub.")
+    random_init: bool = option(False, group="teacher", help="Random teacher weights (tests, demo).")
+    mpp: float = option(0.5, group="tiling", help="Microns per pixel the tiles are read at.")
+    mpp_override: float | None = option(None, group="tiling",
+                                        help="Level-0 mpp to use for every slide, whatever its metadata "
+                                        "says (a CSV 'mpp' column still wins for its slide).")
+    tile_size: int = option(256, group="tiling", help="Tile side in px at --mpp.")
+    max_tiles_per_slide: int | None = option(None, group="tiling",
+                                             help="Keep a seeded random subset of this many tiles per slide.")
+    tissue_threshold: float = option(0.5, group="tiling", help="Minimum tissue fraction of a kept tile.")
+    tissue_method: str = option("otsu", group="tiling", help="Tissue mask: otsu or morphological.")
+    crop_size: int = option(224, group="views", help="View crop side in px = the teacher's input size.")
+    views: int = option(4, group="views", help="Augmented views (K) per tile.")
+    seed: int = option(0, group="views", help="Seed of tile subsets, views and random init.")
+    tile_format: str = option("jpeg", group="encoding", help="Stored tile encoding: jpeg, or png (lossless).")
+    jpeg_quality: int = option(95, group="encoding", help="JPEG quality of stored tiles.")
+    shards: int = option(DEFAULT_SHARDS, group="encoding",
+                         help="Shards of a new cache: processes take them round-robin, so up to this "
+                         "many share a build.")
+    batch_size: int = option(32, group="runtime", help="Views per teacher batch.")
+    num_workers: int = option(default_factory=worker_count_hint, group="runtime",
+                              default_text="cores per process - 1, at most 8",
+                              help="DataLoader workers reading, encoding and augmenting tiles.")
+    strict: bool = option(False, group="runtime", help="Exit non-zero if any slide failed.")
+    cpu: bool = option(False, group="runtime", help="Run on CPU even if a GPU is present.")
+    progress: bool = option(True, group="runtime", help="Progress bars (--no-progress for logs and CI).")
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -119,6 +131,10 @@ class BuildSummary:
     @property
     def views_per_second(self) -> float:
         return self.targets_written / self.seconds if self.seconds > 0 else 0.0
+
+    def succeeded(self, strict: bool) -> bool:
+        """At least one slide is cached, and with `strict` none failed (the CLI's exit status)."""
+        return self.slides_ok > 0 and not (strict and self.slides_failed)
 
 
 def shard_of(slide_id: str, n_shards: int) -> int:
@@ -405,9 +421,15 @@ def existing_cache_options(out: str | Path) -> dict:
 
 
 def config_from_dict(values: dict) -> BuildConfig:
-    """A BuildConfig from a plain mapping (TOML file + CLI options); unknown keys are an error."""
+    """A BuildConfig from a plain mapping (TOML file + CLI options); unknown keys are an error.
+
+    Options left out take the existing cache's tiling/view settings when `out` is a cache, so
+    resuming or adding a teacher needs neither the slides nor those options again."""
     known = set(BuildConfig.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
         raise G2LError(f"unknown build option(s) {', '.join(unknown)}; see `g2l cache build --help`.")
-    return BuildConfig(**values)
+    for required in ("out", "teacher"):
+        if not values.get(required):
+            raise G2LError(f"--{required} is required (on the command line or in --config).")
+    return BuildConfig(**{**existing_cache_options(values["out"]), **values})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import traceback
 from collections import OrderedDict
 
 import numpy as np
@@ -60,7 +59,8 @@ class PlanDataset(Dataset):
         except G2LError as exc:
             record["error"] = str(exc)
         except Exception as exc:  # one bad slide never sinks a run
-            record["error"] = f"{type(exc).__name__}: {exc}"
+            record["error"] = (f"opening and planning the slide failed ({type(exc).__name__}: {exc}); the "
+                               "file may be truncated or damaged")
         return record
 
 
@@ -126,6 +126,7 @@ class ChunkDataset(Dataset):
         shard, slide_id, start, stop, subset = self.chunks[i]
         indices = np.arange(start, stop) if subset is None else np.asarray(subset, dtype=np.int64)
         out = {"shard": shard, "slide_id": slide_id, "error": None, "indices": indices}
+        tile = None
         try:
             record, tiles, tloc = self._state(shard, slide_id)
             pixels, new_tiles, tensors = {}, [], []
@@ -146,5 +147,7 @@ class ChunkDataset(Dataset):
         except G2LError as exc:
             out["error"] = str(exc)
         except Exception as exc:
-            out["error"] = f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=1).strip().splitlines()[-1]})"
+            where = f"reading tile {tile.tile_id}" if tile is not None else "reopening the slide"
+            out["error"] = (f"{where} failed: {type(exc).__name__}: {exc}; the slide opened and was "
+                            "planned, so its pixel data is probably damaged (re-export or drop it)")
         return out

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from g2l_cache.errors import G2LError
+from g2l_cache.options import option
 from g2l_student.data import VIEW_CHOICES
 from g2l_student.losses import LOGSUM_OVER, LOSSES
 from g2l_student.model import DEFAULT_STUDENT
@@ -19,62 +20,99 @@ RESUME_MAY_CHANGE = {"cache", "out", "resume", "overwrite", "num_workers", "prog
 
 @dataclass
 class FitConfig:
-    """Defaults are the G2L recipe (AdamW 1e-4, wd 0.05, cosine, log-sum loss alpha 4, batch 32)."""
+    """Every option of `g2l student fit`. Defaults are the G2L recipe (AdamW 1e-4, weight decay
+    0.05, cosine schedule, log-sum loss alpha 4, batch 32); each is written here only."""
 
-    cache: str
-    out: str
-    student: str = DEFAULT_STUDENT
-    student_weights: str | None = None
-    random_init: bool = False
-    head_weights: str | None = None
-    # "targets": heads start at the training targets' per-dimension mean/sd; "default": torch's init.
-    head_init: str = "targets"
-    # The student's input normalisation; None: from the weights (preprocessor_config.json) or timm.
-    student_mean: list[float] | None = None
-    student_std: list[float] | None = None
-    img_size: int = 224
-    teacher: str | None = None  # which of the cache's teachers (fingerprint or name)
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_steps: int | None = None  # default: 5% of the steps
-    loss: str = "logsum"
-    alpha: float = 4.0
-    logsum_over: str = "sample"  # "sample": log per sample, then mean; "batch": one log of the batch's sum
-    target: str = "cls"
-    cls_weight: float = 1.0
-    patch_weight: float = 1.0
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float | None = None
-    early_stop: str | None = None  # "g2l"
-    early_stop_window: int = 100
-    early_stop_patience: int = 10
-    early_stop_smoothing: float = 0.9  # EMA weight of the old smoothed loss the rule reads
-    early_stop_min_fraction: float = 0.1  # never stop in this first share of the steps
-    early_stop_cooldown: int | None = None  # LR ramp to 0 after the rule fires (default 2% of steps)
-    seed: int = 0
-    val_fraction: float = 0.1
-    # CSV (slide_id, patient_id): the validation split keeps patients whole. TCGA barcodes need none.
-    patient_of: str | None = None
-    val_every: int | None = None  # measure fidelity on the held-out views every N steps
-    views_per_epoch: str = "one"
-    slides: str | None = None
-    where: str | None = None
-    num_workers: int = 2
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    fidelity_views: int = 2048  # held-out views (all K of each validation tile) for fidelity
-    online_teacher: str | None = None
-    online_teacher_weights: str | None = None
-    online_random_init: bool = False
-    fresh_views: bool = False  # with online_teacher: a new view of every tile each epoch (index K + epoch)
-    resume: bool = False
-    overwrite: bool = False
-    cpu: bool = False
-    progress: bool = True
+    cache: str = option(kind="argument", group="data", help="Cache folder written by `g2l cache build`.")
+    out: str = option(short="-o", group="run", help="Run folder (new, or --resume / --overwrite).")
+    # -- model
+    student: str = option(DEFAULT_STUDENT, group="model", help="timm architecture of the student.")
+    student_weights: str | None = option(None, group="model",
+                                         help="Initial weights: a .safetensors file (common checkpoint layouts "
+                                         "are mapped to timm keys), or a transformers DINOv2 checkpoint "
+                                         "(folder or hub id, e.g. histai/hibou-L) mapped onto the timm ViT.")
+    random_init: bool = option(False, group="model", help="Random student weights.")
+    student_mean: list[float] | None = option(None, group="model", kind="triple",
+                                              help="Student input mean R,G,B (default: the weights' "
+                                              "preprocessor_config.json, else timm's).")
+    student_std: list[float] | None = option(None, group="model", kind="triple",
+                                             help="Student input std R,G,B (default as for the mean).")
+    img_size: int = option(224, group="model", help="Student input size; views are resized to it.")
+    head_weights: str | None = option(None, group="model",
+                                      help="Projection heads from an earlier export (head.safetensors).")
+    head_init: str = option("targets", group="model",
+                            help="'targets': the heads' BatchNorm starts at the training targets' "
+                            "per-dimension mean and sd; 'default': torch's 0/1.")
+    # -- data
+    teacher: str | None = option(None, group="data", default_text="the first complete one",
+                                 help="Which of the cache's teachers (fingerprint or name).")
+    val_fraction: float = option(0.1, group="data", help="Share of patients (TCGA barcodes or --patient-of), "
+                                 "else of slides, held out for validation.")
+    patient_of: str | None = option(None, group="data", help="CSV with slide_id,patient_id: a patient's "
+                                    "slides stay on one side of the validation split.")
+    views_per_epoch: str = option("one", group="data", help="'one' cached view per tile per epoch (K epochs "
+                                  "visit all K), or 'all'.")
+    slides: str | None = option(None, group="data", help="Only these slides: text file of ids or CSV with slide_id.")
+    where: str | None = option(None, group="data", help="SQL condition on view/tile/slide columns, e.g. "
+                               "\"slide_id LIKE '%centre-a%'\".")
+    online_teacher: str | None = option(None, group="data",
+                                        help="Compute targets live with this teacher (a check, or with "
+                                        "--fresh-views the online baseline).")
+    online_teacher_weights: str | None = option(None, group="data", help="Weights for --online-teacher.")
+    online_random_init: bool = option(False, group="data", help="Random weights for --online-teacher.")
+    fresh_views: bool = option(False, group="data",
+                               help="With --online-teacher: every epoch draws a new view of each training "
+                               "tile (view index K + epoch, from the stored tile) instead of a cached one.")
+    num_workers: int = option(2, group="data", help="DataLoader workers per process.")
+    # -- optimiser
+    steps: int | None = option(None, group="optimiser", help="Optimiser steps (or --epochs).")
+    epochs: int | None = option(None, group="optimiser", default_text="1 if no --steps",
+                                help="Epochs over the training tiles.")
+    batch_size: int = option(32, group="optimiser", help="Global batch per micro-step, split over processes.")
+    grad_accum: int = option(1, group="optimiser", help="Micro-batches per optimiser step.")
+    lr: float = option(1e-4, group="optimiser", help="AdamW learning rate.")
+    weight_decay: float = option(0.05, group="optimiser",
+                                 help="AdamW weight decay (weight matrices only: not tokens, position "
+                                 "embeddings, norms, biases).")
+    grad_clip: float = option(1.0, group="optimiser", help="Clip the gradient norm (0: off).")
+    ema_decay: float | None = option(None, group="optimiser", help="Keep an EMA of the student (e.g. 0.999); "
+                                     "exported when set.")
+    seed: int = option(0, group="optimiser", help="Seed of the split, view choice, order and init.")
+    # -- loss
+    loss: str = option("logsum", group="loss", help=f"One of {', '.join(LOSSES)} (logsum: G2L's).")
+    alpha: float = option(4.0, group="loss", help="Exponent of the log-sum loss.")
+    logsum_over: str = option("sample", group="loss", help="Log-sum: 'sample' (log of each sample's sum, then "
+                              "the mean) or 'batch' (log of the whole batch's sum).")
+    target: str = option("cls", group="loss", help="cls (teacher embedding), mean-patch, or both.")
+    cls_weight: float = option(1.0, group="loss", help="Weight of the cls target with --target both.")
+    patch_weight: float = option(1.0, group="loss", help="Weight of the mean-patch target with --target both.")
+    # -- schedule
+    warmup_steps: int | None = option(None, group="schedule", default_text="5% of the steps",
+                                      help="Linear warmup steps before the cosine decay.")
+    early_stop: str | None = option(None, group="schedule",
+                                    help="'g2l': once the smoothed loss exceeds the mean of its previous "
+                                    "--early-stop-window values more than --early-stop-patience times in a row, "
+                                    "cool the LR down and stop.")
+    early_stop_window: int = option(100, group="schedule", help="Steps in the early-stop rule's mean.")
+    early_stop_patience: int = option(10, group="schedule", help="Exceedances in a row the rule tolerates.")
+    early_stop_smoothing: float = option(0.9, group="schedule",
+                                         help="EMA weight of the old smoothed loss the rule reads (0: raw loss).")
+    early_stop_min_fraction: float = option(0.1, group="schedule",
+                                            help="Never stop in this first share of the steps.")
+    early_stop_cooldown: int | None = option(None, group="schedule", default_text="2% of the steps",
+                                             help="Steps of the linear LR ramp to 0 after the rule fires.")
+    # -- run
+    val_every: int | None = option(None, group="run", help="Measure fidelity on the held-out views every N "
+                                   "steps (metrics.csv val_* columns, plotted in loss.png).")
+    fidelity_views: int = option(2048, group="run", help="Held-out views (every cached view of each validation "
+                                 "tile) the fidelity is measured on.")
+    checkpoint_every: int = option(500, group="run", help="Checkpoint every N steps.")
+    keep_checkpoints: int = option(2, group="run", help="Checkpoints kept (the newest).")
+    resume: bool = option(False, group="run", help="Continue the run in --out from its last checkpoint, with "
+                          "its config.toml (options given must match it).")
+    overwrite: bool = option(False, group="run", help="Replace the run in --out.")
+    cpu: bool = option(False, group="run", help="Train on CPU even if a GPU is present.")
+    progress: bool = option(True, group="run", help="Progress bar (--no-progress for logs and CI).")
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -144,4 +182,9 @@ class FitConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise G2LError(f"unknown fit option(s) {', '.join(unknown)}; see `g2l student fit --help`.")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                   and not values.get(f.name)]
+        if missing:
+            raise G2LError(" and ".join("CACHE" if m == "cache" else f"--{m}" for m in missing)
+                           + " is required (on the command line or in --config).")
         return cls(**values)

@@ -3,13 +3,14 @@
 import shutil
 
 import numpy as np
+import polars as pl
 import pytest
 import timm
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from cli.main import app
-from conftest import small_config
+from helpers import small_config
 from g2l_cache import G2LError
 from g2l_cache.build import run_build
 from g2l_cache.demo_slides import write_pyramid_tiff
@@ -34,6 +35,17 @@ def bad_slides(demo_dir, tmp_path_factory):
     blank = np.full((1200, 1600, 3), 246, np.uint8)
     blank += np.random.default_rng(0).integers(0, 4, blank.shape, dtype=np.uint8)
     write_pyramid_tiff(folder / "blank.tif", blank, 0.5)
+    # opens and plans (header and low-resolution levels intact), but its full-resolution tiles are
+    # zeros: it fails when the build reads its tiles, not when it opens the slide
+    import tifffile
+
+    with tifffile.TiffFile(good) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    damaged = bytearray(data)
+    for offset, count in spans:
+        damaged[offset:offset + count] = bytes(count)
+    (folder / "damaged-tiles.tif").write_bytes(bytes(damaged))
     return folder
 
 
@@ -44,13 +56,16 @@ def test_each_bad_slide_is_recorded_with_its_reason(bad_slides, tmp_path):
     slides = CacheReader(str(out)).slides()
     status = dict(zip(slides["slide_id"], slides["status"]))
     errors = dict(zip(slides["slide_id"], slides["error"]))
-    assert status == {"good": "ok", "truncated": "failed", "not-a-slide": "failed",
-                      "empty": "failed", "no-mpp": "failed", "blank": "failed"}
+    assert status == {"good": "ok", "truncated": "failed", "not-a-slide": "failed", "empty": "failed",
+                      "no-mpp": "failed", "blank": "failed", "damaged-tiles": "failed"}
     assert "--mpp-override" in errors["no-mpp"]
     assert "no tissue" in errors["blank"] and "--tissue-threshold" in errors["blank"]
-    assert "empty" in errors["empty"]
-    assert "cannot read" in errors["not-a-slide"] or "not" in errors["not-a-slide"]
-    assert errors["truncated"]
+    assert "is empty" in errors["empty"]
+    assert errors["not-a-slide"].startswith("cannot read not-a-slide.tif as a slide (TiffFileError")
+    # the truncated file opens (its header is whole) and fails while its levels are read
+    assert errors["truncated"].startswith("opening and planning the slide failed") and "truncated" in errors["truncated"]
+    assert errors["damaged-tiles"].startswith("reading tile damaged-tiles@") and "damaged" in errors["damaged-tiles"]
+    assert CacheReader(str(out)).slides().filter(pl.col("status") == "ok")["n_tiles"].to_list() == [4]
     assert "failed slides" in result.output and "no-mpp" in result.output
     assert "teacher waiting for data" in result.output
     # --strict turns any failed slide into a non-zero exit (and resumes the same cache)

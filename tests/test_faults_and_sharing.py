@@ -15,7 +15,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import committed_targets, copy_slides, small_config
+from helpers import committed_targets, copy_slides, small_config
 from g2l_cache import CacheReader, G2LError
 from g2l_cache.build import run_build
 from g2l_cache.inspect import verify_cache

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from conftest import cache_content, committed_targets, copy_slides, run_cli, small_config
+from helpers import cache_content, committed_targets, copy_slides, run_cli, small_config
 from g2l_cache.build import run_build, shard_of
 from g2l_cache.reader import CacheReader
 

@@ -79,7 +79,7 @@ def load_embedding_model(model: str, random_init: bool = False, weights: str | N
         net = net.eval().to(device)
         mean = torch.tensor(cfg["pretrained_cfg"]["mean"], device=device).view(1, 3, 1, 1)
         std = torch.tensor(cfg["pretrained_cfg"]["std"], device=device).view(1, 3, 1, 1)
-        mpp = _cache_mpp(cfg.get("g2l", {}).get("cache"))
+        mpp = _student_mpp(cfg, export)
 
         @torch.inference_mode()
         def embed(x: torch.Tensor) -> torch.Tensor:
@@ -96,13 +96,19 @@ def load_embedding_model(model: str, random_init: bool = False, weights: str | N
                           lambda x: teacher.embed(x)[0])
 
 
-def _cache_mpp(cache: str | None) -> float:
+def _student_mpp(cfg: dict, export: Path) -> float:
+    """The mpp the student was trained at: recorded in its export, else read from its cache."""
     from g2l_cache import CacheReader
 
+    g2l = cfg.get("g2l", {})
+    if g2l.get("mpp"):
+        return float(g2l["mpp"])
     try:
-        return float(CacheReader(cache).manifest["settings"]["tiling"]["mpp"])
-    except (G2LError, TypeError, KeyError, ValueError):
-        return 0.5
+        return float(CacheReader(g2l["cache"]).manifest["settings"]["tiling"]["mpp"])
+    except (G2LError, KeyError, TypeError) as exc:
+        raise G2LError(f"{export / 'config.json'} records no mpp and its cache {g2l.get('cache')!r} cannot be "
+                       f"read ({exc}); re-export the run with `g2l student export RUN` while its cache is "
+                       "in place (the export then records the mpp).") from None
 
 
 class _Tiles(Dataset):

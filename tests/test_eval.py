@@ -25,8 +25,16 @@ def test_knn_votes_and_scores_by_hand():
     train = np.array([[1.0, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]])
     y = np.array(["a", "a", "b", "b"])
     classes = np.array(["a", "b"])
-    proba = knn_predict(train, y, np.array([[1.0, 0.05], [0.05, 1.0]]), classes, k=3)
-    np.testing.assert_allclose(proba, [[2 / 3, 1 / 3], [1 / 3, 2 / 3]])
+    query = np.array([[1.0, 0.05], [0.05, 1.0]])
+    proba = knn_predict(train, y, query, classes, k=3)
+    # query 0's 3 nearest: rows 0, 1 (class a) and 3 (class b), each voting exp(cosine / 0.07)
+    cos = lambda u, v: u @ v / np.linalg.norm(u) / np.linalg.norm(v)  # noqa: E731
+    w = {i: np.exp(cos(query[0], train[i]) / 0.07) for i in (0, 1, 3)}
+    expected_a = (w[0] + w[1]) / (w[0] + w[1] + w[3])
+    np.testing.assert_allclose(proba, [[expected_a, 1 - expected_a], [1 - expected_a, expected_a]], rtol=1e-5)
+    # two neighbours, one per class: the closer one wins whatever the class order (no tie by order)
+    two = knn_predict(train[[1, 2]], np.array(["b", "a"]), np.array([[0.2, 1.0]]), classes, k=2)
+    assert two[0, 0] > 0.99
     s = scores(np.array(["a", "b", "b", "b"]), np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]]), classes)
     # recall a = 1, recall b = 2/3 -> balanced 5/6; AUROC: b-scores .4,.8,.7 vs a .1 -> 1.0
     assert abs(s["balanced_accuracy"] - 5 / 6) < 1e-12 and s["auroc"] == 1.0
@@ -41,11 +49,13 @@ def test_linear_probe_and_bootstrap_on_separable_data():
     groups = np.repeat(np.arange(20), 4)
     split = make_split(y, None, groups, seed=1)
     assert not set(groups[split.train]) & set(groups[split.test])
-    proba, c = linear_probe_predict(x[split.train], y[split.train], x[split.test], groups[split.train])
+    proba, c, how = linear_probe_predict(x[split.train], y[split.train], x[split.test], groups[split.train])
+    assert f"C = {c} chosen from" in how
+    assert "too few (< 4)" in linear_probe_predict(x[:8], y[[0, 40] * 4], x[:2], np.repeat([1, 2], 4))[2]
     assert scores(y[split.test], proba, np.array(["neg", "pos"]))["balanced_accuracy"] == 1.0
     low, high = bootstrap_ci(y[split.test], proba, np.array(["neg", "pos"]), n=50)["auroc"]
     assert low == pytest.approx(1.0) and high == pytest.approx(1.0)
-    rows = classification_report(x, y, split, groups, k=5, n_boot=20)
+    rows, _ = classification_report(x, y, split, groups, k=5, n_boot=20)
     assert {r["metric"] for r in rows} == {f"{m}_{s}" for m in ("knn", "linear")
                                            for s in ("balanced_accuracy", "f1_weighted", "auroc")}
 
@@ -180,3 +190,46 @@ def test_bad_inputs(tiles, tmp_path):
     pl.DataFrame({"path": ["x"], "label": ["a"]}).write_parquet(plain)
     with pytest.raises(G2LError, match="not written by `g2l embed`"):
         read_embeddings(plain)
+
+
+def test_blocked_neighbours_equal_the_full_matrix(monkeypatch):
+    import g2l_student.neighbours as neighbours
+
+    rng = np.random.default_rng(0)
+    x, ref = rng.normal(size=(37, 6)), rng.normal(size=(50, 6))
+    monkeypatch.setattr(neighbours, "BLOCK_BYTES", 4 * 50 * 4)  # 4 query rows per block
+    idx, sims = neighbours.nearest(x, ref, 5)
+    full = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (ref / np.linalg.norm(ref, axis=1, keepdims=True)).T
+    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :5])
+    np.testing.assert_allclose(sims, np.sort(full, axis=1)[:, ::-1][:, :5], rtol=1e-5)
+    # same-group rows never count; a row alone in its group keeps all others
+    groups = np.repeat(np.arange(10), 5)[:50]
+    codes = neighbours.group_codes(groups.astype(str), 50)
+    idx, _ = neighbours.nearest(ref, ref, 3, codes, codes)
+    assert all(groups[j] != groups[i] for i in range(50) for j in idx[i])
+    idx, sims = neighbours.nearest(ref[:3], ref[:3], 3, np.zeros(3, int), np.zeros(3, int))
+    assert (idx == -1).all() and np.isneginf(sims).all()  # nothing allowed: marked, not invented
+
+
+def test_embedding_a_run_without_export_asks_for_one_and_writes_nothing(tmp_path):
+    from g2l_student.evaluation.embedder import load_embedding_model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    with pytest.raises(G2LError, match="g2l student export"):
+        load_embedding_model(str(run))
+    assert [p.name for p in run.iterdir()] == ["run.json"]
+
+
+def test_bootstrap_resamples_whole_groups():
+    # 4 groups of 25 tiles; a group is either all right or all wrong: tile resampling is far too sure
+    y = np.array(["a", "b"] * 50)
+    groups = np.repeat(["g1", "g2", "g3", "g4"], 25)
+    right = np.isin(groups, ["g1", "g2", "g3"])
+    proba = np.where((y == "a") == right, 1.0, 0.0)[:, None] * np.array([1.0, -1.0]) + np.array([0.0, 1.0])
+    classes = np.array(["a", "b"])
+    assert scores(y, proba, classes)["balanced_accuracy"] == 0.75
+    tiles = bootstrap_ci(y, proba, classes, n=300, seed=0)["balanced_accuracy"]
+    by_group = bootstrap_ci(y, proba, classes, n=300, seed=0, groups=groups)["balanced_accuracy"]
+    assert tiles[1] - tiles[0] < 0.2 and by_group[0] <= 0.5 and by_group[1] == 1.0

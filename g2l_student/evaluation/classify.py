@@ -10,7 +10,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
 from g2l_cache.errors import G2LError
-from g2l_student.similarity import l2_normalise
+from g2l_student.neighbours import nearest
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
@@ -48,23 +48,32 @@ def check_labels(labels: np.ndarray) -> None:
         raise G2LError(f"all tiles have the label {labels[0]!r}; classification needs at least 2 classes.")
 
 
+# Temperature of the similarity-weighted kNN vote (DINO's weighted kNN classifier uses 0.07).
+KNN_TEMPERATURE = 0.07
+
+
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, classes: np.ndarray,
                 k: int = 20) -> np.ndarray:
-    """Class probabilities = share of the k nearest (cosine) training tiles in each class."""
-    k = min(k, len(train_x))
-    sim = l2_normalise(test_x) @ l2_normalise(train_x).T
-    nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    votes = train_y[nearest]
-    return np.stack([(votes == c).mean(1) for c in classes], axis=1)
+    """Class probabilities from the k nearest (cosine) training tiles, each voting with weight
+    exp(similarity / 0.07): closer tiles count more, so an even split is not broken by class order.
+    Neighbours are found in blocks (memory O(n·k))."""
+    idx, sims = nearest(test_x, train_x, k)
+    weights = np.exp((sims - sims[:, :1]) / KNN_TEMPERATURE)  # shifted by the best: no overflow
+    votes = train_y[idx]
+    proba = np.stack([(weights * (votes == c)).sum(1) for c in classes], axis=1)
+    return proba / proba.sum(1, keepdims=True)
 
 
 def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                         groups: np.ndarray | None, seed: int = 0) -> tuple[np.ndarray, float]:
-    """L2 logistic regression; C chosen on a group-wise validation split of the training tiles."""
+                         groups: np.ndarray | None, seed: int = 0) -> tuple[np.ndarray, float, str]:
+    """L2 logistic regression; C chosen on a group-wise validation split of the training tiles.
+    Returns (probabilities, C, how C was chosen)."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     tx, sx = (train_x - mean) / std, (test_x - mean) / std
     g = groups if groups is not None else np.arange(len(train_y))
     best_c, best = C_GRID[0], -1.0
+    how = (f"only {len(np.unique(g))} training groups, too few (< 4) for a validation split: C = "
+           f"{C_GRID[0]} (the strongest regularisation) without selection")
     if len(np.unique(g)) >= 4:
         inner = GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=seed)
         fit_i, val_i = next(inner.split(tx, train_y, g))
@@ -74,8 +83,9 @@ def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
                 score = balanced_accuracy_score(train_y[val_i], clf.predict(tx[val_i]))
                 if score > best:
                     best_c, best = c, score
+            how = f"C = {best_c} chosen from {list(C_GRID)} on a group-wise validation split"
     clf = LogisticRegression(C=best_c, max_iter=2000).fit(tx, train_y)
-    return clf.predict_proba(sx), best_c
+    return clf.predict_proba(sx), best_c, how
 
 
 def scores(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:
@@ -97,12 +107,21 @@ def scores(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[s
 
 
 def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, n: int = 1000,
-                 seed: int = 0) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals of each score over `n` resamples of the test tiles."""
+                 seed: int = 0, groups: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of each score over `n` resamples: of whole groups (patients or
+    slides, all their tiles together) when `groups` is given, else of the test tiles. Tiles of one
+    slide are not independent, so resampling tiles gives intervals that are too narrow."""
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        order = np.argsort(np.asarray(groups).astype(str), kind="stable")
+        _, starts = np.unique(np.asarray(groups).astype(str)[order], return_index=True)
+        members = np.split(order, starts[1:])
     draws: dict[str, list[float]] = {}
     for _ in range(n):
-        idx = rng.integers(0, len(y_true), len(y_true))
+        if groups is not None:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        else:
+            idx = rng.integers(0, len(y_true), len(y_true))
         if len(np.unique(y_true[idx])) < 2:
             continue
         for name, value in scores(y_true[idx], proba[idx], classes).items():
@@ -112,18 +131,18 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, n: 
 
 
 def classification_report(x: np.ndarray, labels: np.ndarray, split: Split, groups: np.ndarray | None,
-                          k: int = 20, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Rows of (metric, value, k, ci_low, ci_high) for kNN and the linear probe."""
+                          k: int = 20, n_boot: int = 1000, seed: int = 0) -> tuple[list[dict], str]:
+    """Rows of (metric, value, k, ci_low, ci_high) for kNN and the linear probe, and how the
+    probe's C was chosen."""
     classes = np.unique(labels)
     tr, te = split.train, split.test
     rows = []
-    probas = {"knn": knn_predict(x[tr], labels[tr], x[te], classes, k),
-              "linear": linear_probe_predict(x[tr], labels[tr], x[te],
-                                             groups[tr] if groups is not None else None, seed)[0]}
+    linear, _, how = linear_probe_predict(x[tr], labels[tr], x[te], groups[tr] if groups is not None else None, seed)
+    probas = {"knn": knn_predict(x[tr], labels[tr], x[te], classes, k), "linear": linear}
     for method, proba in probas.items():
-        ci = bootstrap_ci(labels[te], proba, classes, n_boot, seed)
+        ci = bootstrap_ci(labels[te], proba, classes, n_boot, seed, groups[te] if groups is not None else None)
         for name, value in scores(labels[te], proba, classes).items():
             low, high = ci.get(name, (float("nan"), float("nan")))
             rows.append({"metric": f"{method}_{name}", "value": value,
                          "k": k if method == "knn" else None, "ci_low": low, "ci_high": high})
-    return rows
+    return rows, how

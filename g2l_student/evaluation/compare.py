@@ -44,7 +44,11 @@ def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, see
     split = make_split(labels, _column(first, "split"), groups, seed)
     rows, notes = [], []
     if groups is None:
-        notes.append("no 'group' column: tiles are treated as independent (risk of slide leakage).")
+        notes.append("no 'group' column: tiles are treated as independent (risk of slide leakage), and "
+                     "the 95% intervals resample tiles, which makes them too narrow.")
+    else:
+        notes.append(f"95% intervals: bootstrap over the {len(np.unique(groups[split.test]))} test groups "
+                     "(all tiles of a group resampled together).")
     ri_ok = centers is not None and len(np.unique(centers)) >= 2
     if centers is None:
         notes.append("no 'center' column: robustness index skipped.")
@@ -52,8 +56,9 @@ def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, see
         notes.append(f"one centre only ({centers[0]}): the robustness index is undefined and was skipped.")
     for e in models:
         name = e.path.stem
-        for row in classification_report(e.vectors, labels, split, groups, k, n_boot, seed):
-            rows.append({"model": name, **row})
+        report, how = classification_report(e.vectors, labels, split, groups, k, n_boot, seed)
+        rows += [{"model": name, **row} for row in report]
+        notes.append(f"{name}: linear probe {how}.")
         if ri_ok:
             value, k_ri = pathorob_ri(e.vectors, labels, centers, groups)
             rows.append({"model": name, "metric": "ri", "value": value, "k": k_ri,
@@ -165,8 +170,9 @@ def _plot_bars(m: pl.DataFrame, path: Path, task: str) -> None:
         for metric in metrics:
             r = m.filter((pl.col("model") == model) & (pl.col("metric") == metric)).row(0, named=True)
             vals.append(r["value"])
-            lo.append(r["value"] - r["ci_low"] if r["ci_low"] is not None else 0)
-            hi.append(r["ci_high"] - r["value"] if r["ci_high"] is not None else 0)
+            # a group bootstrap's percentile interval need not contain the estimate: clip the bar
+            lo.append(max(0.0, r["value"] - r["ci_low"]) if r["ci_low"] is not None else 0)
+            hi.append(max(0.0, r["ci_high"] - r["value"]) if r["ci_high"] is not None else 0)
         xs = np.arange(len(metrics)) + i * width
         ax.bar(xs, vals, width, yerr=[lo, hi], capsize=3, label=model)
     ax.set_xticks(np.arange(len(metrics)) + width * (len(models) - 1) / 2)

@@ -47,10 +47,9 @@ def _student_export(model: Path) -> Path | None:
         folder = model.parent
     elif (model / "run.json").exists():
         folder = model / "export"
-        if not (folder / "student.safetensors").exists():
-            from g2l_student.export import export_run
-
-            export_run(model)
+        if not (folder / "student.safetensors").exists():  # embed writes only its --out file
+            raise G2LError(f"run {model} has no export yet; write it with `g2l student export {model}` "
+                           "(it goes into the run folder), then embed again.")
     elif (model / "student.safetensors").exists():
         folder = model
     else:
@@ -190,21 +189,26 @@ def read_embeddings(path: str | Path) -> Embeddings:
     p = Path(path)
     if not p.is_file():
         raise G2LError(f"embedding file {p} does not exist.")
+    import pyarrow.parquet as pq
+
     try:
         meta = read_embedding_meta(p)
-        table = pl.read_parquet(p)
+        arrow = pq.read_table(p)
     except Exception as exc:
         raise G2LError(f"{p} is not a readable Parquet file ({exc}).") from None
-    if meta is None or "embedding" not in table.columns:
+    if meta is None or "embedding" not in arrow.column_names:
         raise G2LError(f"{p} was not written by `g2l embed` (no embedding column / metadata).")
+    table = pl.from_arrow(arrow.drop(["embedding"]))
     for col in ("path", "label"):
         if col not in table.columns:
             raise G2LError(f"{p} lacks the '{col}' column.")
-    vectors = np.asarray(table["embedding"].to_list(), dtype=np.float32)
+    # the fixed-size list's flat values, viewed as (tiles, dim): no per-tile Python objects
+    column = arrow.column("embedding").combine_chunks()
+    vectors = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(
+        len(column), column.type.list_size)
     if not np.isfinite(vectors).all():
         raise G2LError(f"{p} holds NaN or infinite embeddings; re-embed the tiles.")
-    return Embeddings(p, meta["model"], meta["data"], meta["data_fingerprint"],
-                      table.drop("embedding"), vectors)
+    return Embeddings(p, meta["model"], meta["data"], meta["data_fingerprint"], table, vectors)
 
 
 __all__ = ["EmbeddingModel", "load_embedding_model", "embed_tileset", "read_embeddings", "load_tileset"]

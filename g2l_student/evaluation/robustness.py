@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 
 from g2l_cache.errors import G2LError
-from g2l_student.similarity import l2_normalise
+from g2l_student.neighbours import group_codes, nearest
 
 RI_K_CANDIDATES = (1, 3, 5, 7, 10, 15, 20, 30, 50)
 
@@ -40,15 +40,14 @@ def _groups(groups: np.ndarray | None, n: int) -> np.ndarray:
 
 def so_os_counts(x: np.ndarray, labels: np.ndarray, centers: np.ndarray, groups: np.ndarray | None,
                  k: int) -> tuple[int, int]:
-    """Pooled (SO, OS) counts over each tile's k nearest other-group neighbours (cosine)."""
-    g = _groups(groups, len(x))
-    xn = l2_normalise(x)
-    sim = xn @ xn.T
-    sim[g[:, None] == g[None, :]] = -np.inf  # self and same-group tiles are never neighbours
-    nearest = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    valid = np.take_along_axis(sim, nearest, axis=1) > -np.inf
-    same_label = labels[nearest] == labels[:, None]
-    same_center = centers[nearest] == centers[:, None]
+    """Pooled (SO, OS) counts over each tile's k nearest other-group neighbours (cosine), found
+    in blocks (memory O(n·k))."""
+    codes = group_codes(groups, len(x))  # self and same-group tiles are never neighbours
+    idx, _ = nearest(x, x, k, codes, codes)
+    valid = idx >= 0
+    idx = np.where(valid, idx, 0)
+    same_label = labels[idx] == labels[:, None]
+    same_center = centers[idx] == centers[:, None]
     so = int((valid & same_label & ~same_center).sum())
     os_ = int((valid & ~same_label & same_center).sum())
     return so, os_

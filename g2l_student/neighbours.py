@@ -1,0 +1,52 @@
+"""Cosine nearest neighbours in blocks: memory O(block × n + n × k), never an n × n matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Rows of queries per block: a block holds block × n_reference float32 similarities (for 262k
+# reference tiles, 512 rows are 0.5 GB).
+BLOCK_BYTES = 512 * 1024 * 1024
+
+
+def _unit(x: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def nearest(query: np.ndarray, reference: np.ndarray, k: int, query_groups: np.ndarray | None = None,
+            reference_groups: np.ndarray | None = None, exclude_self: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, cosine similarities) of each query's k nearest reference rows, most similar first.
+
+    Reference rows whose group equals the query's group (integer codes) never count, nor the
+    query itself when `exclude_self` (query and reference are then the same rows). Where fewer
+    than k rows are allowed, the missing places hold index -1 and similarity -inf.
+    """
+    q, r = _unit(query), _unit(reference)
+    k = min(k, len(r))
+    n_block = max(1, BLOCK_BYTES // (4 * max(1, len(r))))
+    idx = np.empty((len(q), k), dtype=np.int64)
+    sims = np.empty((len(q), k), dtype=np.float32)
+    rg = torch.from_numpy(np.asarray(reference_groups)) if reference_groups is not None else None
+    for start in range(0, len(q), n_block):
+        stop = min(len(q), start + n_block)
+        s = q[start:stop] @ r.T
+        if rg is not None:
+            qg = torch.from_numpy(np.asarray(query_groups[start:stop]))
+            s.masked_fill_(qg[:, None] == rg[None, :], float("-inf"))
+        if exclude_self:
+            rows = torch.arange(stop - start)
+            s[rows, rows + start] = float("-inf")
+        values, found = torch.topk(s, k, dim=1)
+        found[values == float("-inf")] = -1
+        idx[start:stop], sims[start:stop] = found.numpy(), values.numpy()
+    return idx, sims
+
+
+def group_codes(groups: np.ndarray | None, n: int) -> np.ndarray:
+    """Integer code per row of a group column (each row its own group when there is none)."""
+    if groups is None:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].astype(np.int64)

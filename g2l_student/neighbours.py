@@ -10,9 +10,12 @@ import torch
 BLOCK_BYTES = 512 * 1024 * 1024
 
 
-def _unit(x: np.ndarray) -> torch.Tensor:
+def _rows_and_inverse_norms(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows as a tensor sharing x's memory (float32 C-order input is not copied), and 1/|row|:
+    similarities are scaled per block instead of copying a normalised reference."""
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    norms = torch.cat([t[i:i + 65536].norm(dim=1) for i in range(0, len(t), 65536)]) if len(t) else torch.zeros(0)
+    return t, 1 / norms.clamp_min(1e-12)
 
 
 def nearest(query: np.ndarray, reference: np.ndarray, k: int, query_groups: np.ndarray | None = None,
@@ -24,7 +27,7 @@ def nearest(query: np.ndarray, reference: np.ndarray, k: int, query_groups: np.n
     query itself when `exclude_self` (query and reference are then the same rows). Where fewer
     than k rows are allowed, the missing places hold index -1 and similarity -inf.
     """
-    q, r = _unit(query), _unit(reference)
+    (q, q_inv), (r, r_inv) = _rows_and_inverse_norms(query), _rows_and_inverse_norms(reference)
     k = min(k, len(r))
     n_block = max(1, BLOCK_BYTES // (4 * max(1, len(r))))
     idx = np.empty((len(q), k), dtype=np.int64)
@@ -32,7 +35,7 @@ def nearest(query: np.ndarray, reference: np.ndarray, k: int, query_groups: np.n
     rg = torch.from_numpy(np.asarray(reference_groups)) if reference_groups is not None else None
     for start in range(0, len(q), n_block):
         stop = min(len(q), start + n_block)
-        s = q[start:stop] @ r.T
+        s = (q[start:stop] @ r.T).mul_(q_inv[start:stop, None]).mul_(r_inv[None, :])
         if rg is not None:
             qg = torch.from_numpy(np.asarray(query_groups[start:stop]))
             s.masked_fill_(qg[:, None] == rg[None, :], float("-inf"))

@@ -6,6 +6,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -233,3 +234,21 @@ def test_bootstrap_resamples_whole_groups():
     tiles = bootstrap_ci(y, proba, classes, n=300, seed=0)["balanced_accuracy"]
     by_group = bootstrap_ci(y, proba, classes, n=300, seed=0, groups=groups)["balanced_accuracy"]
     assert tiles[1] - tiles[0] < 0.2 and by_group[0] <= 0.5 and by_group[1] == 1.0
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_linear_probe_matches_sklearns_logistic_regression(n_classes):
+    from sklearn.linear_model import LogisticRegression
+
+    from g2l_student.evaluation.classify import _column_stats, _fit_logistic, _probabilities
+
+    rng = np.random.default_rng(n_classes)
+    x = rng.normal(size=(300, 6)).astype(np.float32) * 3 + 5
+    y = (x[:, 0] + rng.normal(size=300) > 5).astype(int) + (n_classes == 3) * (x[:, 1] > 6)
+    xt = torch.from_numpy(x)
+    mean, std = _column_stats(xt)
+    w, b = _fit_logistic(xt, y, n_classes, mean, std, 0.1, torch.ones(300))
+    ours = _probabilities(xt, w, b, mean, std)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    theirs = LogisticRegression(C=0.1, max_iter=5000, tol=1e-10).fit(z, y).predict_proba(z)
+    np.testing.assert_allclose(ours, theirs, atol=2e-4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
@@ -66,26 +66,90 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, cl
 
 def linear_probe_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                          groups: np.ndarray | None, seed: int = 0) -> tuple[np.ndarray, float, str]:
-    """L2 logistic regression; C chosen on a group-wise validation split of the training tiles.
-    Returns (probabilities, C, how C was chosen)."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    tx, sx = (train_x - mean) / std, (test_x - mean) / std
+    """L2 logistic regression on standardised features; C chosen on a group-wise validation split
+    of the training tiles. Returns (probabilities, C, how C was chosen).
+
+    sklearn's objective (sum of log-losses + |w|^2 / 2C, intercept not penalised; multinomial for
+    more than 2 classes) fitted by full-batch L-BFGS in torch. The standardisation is folded into
+    the weights and the validation split is a mask, so the training matrix is never copied: a 262k
+    x 1536 probe fits in the memory of its embeddings."""
+    classes, y = np.unique(train_y, return_inverse=True)
+    x = torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32))
+    mean, std = _column_stats(x)
     g = groups if groups is not None else np.arange(len(train_y))
     best_c, best = C_GRID[0], -1.0
     how = (f"only {len(np.unique(g))} training groups, too few (< 4) for a validation split: C = "
            f"{C_GRID[0]} (the strongest regularisation) without selection")
     if len(np.unique(g)) >= 4:
         inner = GroupShuffleSplit(n_splits=1, test_size=0.25, random_state=seed)
-        fit_i, val_i = next(inner.split(tx, train_y, g))
-        if len(np.unique(train_y[fit_i])) > 1:
+        fit_i, val_i = next(inner.split(np.zeros(len(y)), y, g))
+        if len(np.unique(y[fit_i])) > 1:
+            mask = torch.zeros(len(y))
+            mask[torch.from_numpy(fit_i)] = 1
             for c in C_GRID:
-                clf = LogisticRegression(C=c, max_iter=2000).fit(tx[fit_i], train_y[fit_i])
-                score = balanced_accuracy_score(train_y[val_i], clf.predict(tx[val_i]))
+                w, b = _fit_logistic(x, y, len(classes), mean, std, c, mask)
+                proba = _probabilities(x[torch.from_numpy(val_i)], w, b, mean, std)
+                score = balanced_accuracy_score(y[val_i], proba.argmax(1))
                 if score > best:
                     best_c, best = c, score
             how = f"C = {best_c} chosen from {list(C_GRID)} on a group-wise validation split"
-    clf = LogisticRegression(C=best_c, max_iter=2000).fit(tx, train_y)
-    return clf.predict_proba(sx), best_c, how
+    w, b = _fit_logistic(x, y, len(classes), mean, std, best_c, torch.ones(len(y)))
+    test = torch.from_numpy(np.ascontiguousarray(test_x, dtype=np.float32))
+    return _probabilities(test, w, b, mean, std), best_c, how
+
+
+def _column_stats(x: torch.Tensor, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column mean and sd (float64 sums, in chunks: no copy of x)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        total += x[i:i + chunk].double().sum(0)
+    mean = total / len(x)
+    sq = torch.zeros_like(total)
+    for i in range(0, len(x), chunk):
+        sq += ((x[i:i + chunk].double() - mean) ** 2).sum(0)
+    return mean.float(), (sq / len(x)).sqrt().float() + 1e-6
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+    # ((x - mean) / std) @ w + b without forming the standardised matrix
+    scaled = w / std[:, None]
+    return x @ scaled + (b - mean @ scaled)
+
+
+def _fit_logistic(x: torch.Tensor, y: np.ndarray, n_classes: int, mean, std, c: float,
+                  weight: torch.Tensor, max_iter: int = 500):
+    """Weights minimising sum(weight * log-loss) + |w|^2 / (2c) (binary: one logit)."""
+    outputs = 1 if n_classes == 2 else n_classes
+    w = torch.zeros(x.shape[1], outputs, requires_grad=True)
+    b = torch.zeros(outputs, requires_grad=True)
+    target = torch.from_numpy(y)
+    n = float(weight.sum())
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = _logits(x, w, b, mean, std)
+        if outputs == 1:
+            losses = torch.nn.functional.binary_cross_entropy_with_logits(z[:, 0], target.float(), reduction="none")
+        else:
+            losses = torch.nn.functional.cross_entropy(z, target, reduction="none")
+        # divided by n: the same minimum, on a scale L-BFGS's tolerances suit
+        loss = ((losses * weight).sum() + (w ** 2).sum() / (2 * c)) / n
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _probabilities(x: torch.Tensor, w, b, mean, std) -> np.ndarray:
+    with torch.no_grad():
+        z = _logits(x, w, b, mean, std)
+        if z.shape[1] == 1:
+            p = torch.sigmoid(z[:, 0])
+            return torch.stack([1 - p, p], 1).numpy()
+        return torch.softmax(z, 1).numpy()
 
 
 def scores(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> dict[str, float]:
@@ -137,8 +201,9 @@ def classification_report(x: np.ndarray, labels: np.ndarray, split: Split, group
     classes = np.unique(labels)
     tr, te = split.train, split.test
     rows = []
-    linear, _, how = linear_probe_predict(x[tr], labels[tr], x[te], groups[tr] if groups is not None else None, seed)
-    probas = {"knn": knn_predict(x[tr], labels[tr], x[te], classes, k), "linear": linear}
+    train_x, test_x = _rows(x, tr), _rows(x, te)  # one copy each at most, shared by both methods
+    linear, _, how = linear_probe_predict(train_x, labels[tr], test_x, groups[tr] if groups is not None else None, seed)
+    probas = {"knn": knn_predict(train_x, labels[tr], test_x, classes, k), "linear": linear}
     for method, proba in probas.items():
         ci = bootstrap_ci(labels[te], proba, classes, n_boot, seed, groups[te] if groups is not None else None)
         for name, value in scores(labels[te], proba, classes).items():
@@ -146,3 +211,10 @@ def classification_report(x: np.ndarray, labels: np.ndarray, split: Split, group
             rows.append({"metric": f"{method}_{name}", "value": value,
                          "k": k if method == "knn" else None, "ci_low": low, "ci_high": high})
     return rows, how
+
+
+def _rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """x[idx], as a view without a copy when idx is a run of consecutive rows."""
+    if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+        return x[idx[0]:idx[-1] + 1]
+    return x[idx]

@@ -16,6 +16,7 @@ from g2l_student.similarity import debiased_cka, knn_overlap, linear_cka
 
 METRIC_COLUMNS = ["task", "model", "metric", "value", "k", "ci_low", "ci_high"]
 RATIO_KS = (3, 20)
+MAP_POINTS = 5000
 BAR_METRICS = ("knn_balanced_accuracy", "linear_balanced_accuracy", "linear_auroc", "ri")
 
 
@@ -150,7 +151,8 @@ def render_report(metrics: pl.DataFrame, notes: dict[str, list[str]]) -> str:
                 cells.append(_fmt(row["value"]) + ci + chosen_k)
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"![metrics](bars-{task}.png)", "", f"![embedding map](map-{task}.png)", ""]
-    lines += ["Intervals: 95% bootstrap over test tiles. ri: PathoROB robustness index (croma), "
+    lines += ["Intervals: 95% bootstrap over test groups where the task has a group column, else over "
+              "test tiles (see each task's notes). ri: PathoROB robustness index (croma), "
               "k chosen by kNN balanced accuracy; ri_ratio: de Jong's SO/OS ratio at fixed k.", ""]
     return "\n".join(lines)
 
@@ -209,11 +211,14 @@ def _plot_maps(models: list[Embeddings], path: Path, method: str, seed: int) -> 
     colour_by = [c for c in ("label", "center") if c in models[0].table.columns]
     fig, axes = plt.subplots(len(colour_by), len(models), figsize=(3.2 * len(models), 3 * len(colour_by)),
                              dpi=100, squeeze=False)
+    # a seeded sample of at most MAP_POINTS tiles: a map of more is unreadable and costs memory
+    n = len(models[0].vectors)
+    shown = np.sort(np.random.default_rng(seed).choice(n, MAP_POINTS, replace=False)) if n > MAP_POINTS else slice(None)
     for j, e in enumerate(models):
-        xy, how = project_2d(e.vectors, method, seed)
+        xy, how = project_2d(e.vectors[shown], method, seed)
         for i, col in enumerate(colour_by):
             ax = axes[i][j]
-            values = e.table[col].cast(pl.Utf8).to_numpy()
+            values = e.table[col].cast(pl.Utf8).to_numpy()[shown]
             for v in np.unique(values):
                 sel = values == v
                 ax.scatter(xy[sel, 0], xy[sel, 1], s=6, label=v)

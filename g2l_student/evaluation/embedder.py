@@ -157,14 +157,20 @@ def embed_tileset(model: EmbeddingModel, tiles: TileSet, out: Path, data_mpp: fl
     emb = np.concatenate(chunks).astype(np.float32)
     if not np.isfinite(emb).all():
         raise G2LError(f"{model.name} produced NaN/inf embeddings for {int((~np.isfinite(emb)).any(1).sum())} tiles.")
-    table = tiles.table.to_arrow().append_column(
-        "embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1]))
-    table = table.replace_schema_metadata({META_KEY: json.dumps({**key, "dim": int(emb.shape[1])}).encode()})
+    write_embeddings(out, tiles.table, emb, key)
+    return True
+
+
+def write_embeddings(out: Path, table: pl.DataFrame, vectors: np.ndarray, key: dict) -> None:
+    """An embedding file: the tile table plus a fixed-size `embedding` column, with `key` (model,
+    data and their fingerprints) as metadata; written to a temporary name, then renamed."""
+    arrow = table.to_arrow().append_column(
+        "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]))
+    arrow = arrow.replace_schema_metadata({META_KEY: json.dumps({**key, "dim": int(vectors.shape[1])}).encode()})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.parquet")
-    pq.write_table(table, tmp)
+    pq.write_table(arrow, tmp)
     tmp.replace(out)
-    return True
 
 
 def read_embedding_meta(path: Path) -> dict | None:

@@ -252,3 +252,21 @@ def test_linear_probe_matches_sklearns_logistic_regression(n_classes):
     z = (x - x.mean(0)) / (x.std(0) + 1e-6)
     theirs = LogisticRegression(C=0.1, max_iter=5000, tol=1e-10).fit(z, y).predict_proba(z)
     np.testing.assert_allclose(ours, theirs, atol=2e-4)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_weighted_resample_scores_equal_sklearn_on_the_resampled_tiles(n_classes):
+    from g2l_student.evaluation.classify import _WeightedScores
+
+    rng = np.random.default_rng(n_classes)
+    classes = np.array(["a", "b", "c"][:n_classes])
+    y = classes[rng.integers(0, n_classes, 200)]
+    proba = rng.dirichlet(np.ones(n_classes), 200)
+    proba[:20] = proba[0]  # ties in the scores
+    scorer = _WeightedScores(np.searchsorted(classes, y), proba, n_classes)
+    for draw in range(5):
+        idx = rng.integers(0, 200, 200)
+        ours = scorer(np.bincount(idx, minlength=200).astype(float))
+        theirs = scores(y[idx], proba[idx], classes)
+        for name in ("balanced_accuracy", "f1_weighted", "auroc"):
+            assert ours[name] == pytest.approx(theirs[name], abs=1e-12), (draw, name)

@@ -199,19 +199,25 @@ def read_embeddings(path: str | Path) -> Embeddings:
 
     try:
         meta = read_embedding_meta(p)
-        arrow = pq.read_table(p)
+        parquet = pq.ParquetFile(p)
     except Exception as exc:
         raise G2LError(f"{p} is not a readable Parquet file ({exc}).") from None
-    if meta is None or "embedding" not in arrow.column_names:
+    names = parquet.schema_arrow.names
+    if meta is None or "embedding" not in names:
         raise G2LError(f"{p} was not written by `g2l embed` (no embedding column / metadata).")
-    table = pl.from_arrow(arrow.drop(["embedding"]))
+    table = pl.read_parquet(p, columns=[c for c in names if c != "embedding"])
     for col in ("path", "label"):
         if col not in table.columns:
             raise G2LError(f"{p} lacks the '{col}' column.")
-    # the fixed-size list's flat values, viewed as (tiles, dim): no per-tile Python objects
-    column = arrow.column("embedding").combine_chunks()
-    vectors = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(
-        len(column), column.type.list_size)
+    # batch by batch into one float32 array: no per-tile Python objects, and never the file's
+    # Arrow buffers and the array in memory at once
+    dim = parquet.schema_arrow.field("embedding").type.list_size
+    vectors = np.empty((parquet.metadata.num_rows, dim), dtype=np.float32)
+    row = 0
+    for batch in parquet.iter_batches(columns=["embedding"], batch_size=32768):
+        flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+        vectors[row:row + batch.num_rows] = flat.reshape(batch.num_rows, dim)
+        row += batch.num_rows
     if not np.isfinite(vectors).all():
         raise G2LError(f"{p} holds NaN or infinite embeddings; re-embed the tiles.")
     return Embeddings(p, meta["model"], meta["data"], meta["data_fingerprint"], table, vectors)

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 # Rows of queries per block: a block holds block × n_reference float32 similarities (for 262k
-# reference tiles, 512 rows are 0.5 GB).
-BLOCK_BYTES = 512 * 1024 * 1024
+# reference tiles, 256 rows are 0.27 GB).
+BLOCK_BYTES = 256 * 1024 * 1024
 
 
 def _rows_and_inverse_norms(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

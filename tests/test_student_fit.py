@@ -304,6 +304,11 @@ def test_both_targets_ema_accumulation_and_early_stop(built_cache, tmp_path):
     expected = next((i for i, v in enumerate(losses, 1) if replay.update(v)), None)
     assert result.steps == (expected or 12) == len(losses)
     assert result.stopped == ("early-stop" if expected else "steps")
+    # --grad-accum 2: each optimiser step consumes two micro-batches of the recorded epochs
+    first_epoch = pl.read_parquet(RunDir(tmp_path / "r").epochs / "epoch_000000.parquet")
+    micro_per_epoch = first_epoch.height // 4
+    rows = RunDir(tmp_path / "r").read_metrics()
+    assert [int(r["epoch"]) for r in rows] == [(2 * s - 1) // micro_per_epoch for s in range(1, len(rows) + 1)]
     # the EMA weights are what gets exported
     ckpt = RunDir(tmp_path / "r").last_checkpoint()
     ema = load_file(str(ckpt / "ema.safetensors"))

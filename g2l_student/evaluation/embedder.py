@@ -169,7 +169,8 @@ def write_embeddings(out: Path, table: pl.DataFrame, vectors: np.ndarray, key: d
     arrow = arrow.replace_schema_metadata({META_KEY: json.dumps({**key, "dim": int(vectors.shape[1])}).encode()})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.parquet")
-    pq.write_table(arrow, tmp)
+    # row groups of 16k tiles: a reader decodes one at a time, not the whole file at once
+    pq.write_table(arrow, tmp, row_group_size=16384)
     tmp.replace(out)
 
 
@@ -199,7 +200,7 @@ def read_embeddings(path: str | Path) -> Embeddings:
 
     try:
         meta = read_embedding_meta(p)
-        parquet = pq.ParquetFile(p)
+        parquet = pq.ParquetFile(p, pre_buffer=False)
     except Exception as exc:
         raise G2LError(f"{p} is not a readable Parquet file ({exc}).") from None
     names = parquet.schema_arrow.names
@@ -214,10 +215,11 @@ def read_embeddings(path: str | Path) -> Embeddings:
     dim = parquet.schema_arrow.field("embedding").type.list_size
     vectors = np.empty((parquet.metadata.num_rows, dim), dtype=np.float32)
     row = 0
-    for batch in parquet.iter_batches(columns=["embedding"], batch_size=32768):
-        flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
-        vectors[row:row + batch.num_rows] = flat.reshape(batch.num_rows, dim)
-        row += batch.num_rows
+    for group in range(parquet.metadata.num_row_groups):  # one decoded row group at a time
+        for chunk in parquet.read_row_group(group, columns=["embedding"]).column(0).chunks:
+            vectors[row:row + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
+            row += len(chunk)
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps decoded pages otherwise
     if not np.isfinite(vectors).all():
         raise G2LError(f"{p} holds NaN or infinite embeddings; re-embed the tiles.")
     return Embeddings(p, meta["model"], meta["data"], meta["data_fingerprint"], table, vectors)

@@ -263,8 +263,9 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
     scheduler = cosine_with_warmup(optimizer, warmup, total, early_stop)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     ema = EMA(accelerator.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay else None
-    task = build_task(student, cfg.target, get_loss(cfg.loss, cfg.alpha, cfg.logsum_over), cfg.cls_weight,
-                      cfg.patch_weight, teacher)
+    # the task holds the plain student; each step passes the prepared (DDP-wrapped) one to run
+    task = build_task(accelerator.unwrap_model(student), cfg.target,
+                      get_loss(cfg.loss, cfg.alpha, cfg.logsum_over), cfg.cls_weight, cfg.patch_weight, teacher)
     fid_views, fid_split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
     fid_set = Subset(fid_base, fid_views.tolist())
 

@@ -270,3 +270,15 @@ def test_weighted_resample_scores_equal_sklearn_on_the_resampled_tiles(n_classes
         theirs = scores(y[idx], proba[idx], classes)
         for name in ("balanced_accuracy", "f1_weighted", "auroc"):
             assert ours[name] == pytest.approx(theirs[name], abs=1e-12), (draw, name)
+
+
+def test_robustness_sample_keeps_whole_groups_and_is_seeded():
+    from g2l_student.evaluation.compare import ri_sample
+
+    groups = np.repeat([f"p{i}" for i in range(100)], 30)
+    rows = ri_sample(groups, 3000, seed=0, limit=600)
+    assert 570 <= len(rows) <= 600 and len(rows) % 30 == 0
+    kept = set(groups[rows])
+    assert all((groups[rows] == g).sum() == 30 for g in kept)  # whole groups only
+    assert np.array_equal(rows, ri_sample(groups, 3000, seed=0, limit=600))
+    assert np.array_equal(ri_sample(groups, 500, seed=0, limit=600), np.arange(500))

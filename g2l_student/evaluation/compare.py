@@ -36,6 +36,20 @@ def _column(e: Embeddings, name: str) -> np.ndarray | None:
     return e.table[name].cast(pl.Utf8).to_numpy() if name in e.table.columns else None
 
 
+RI_MAX_TILES = 6000  # croma's RI memory grows with tiles²: about 0.8 GB at 6,000 tiles
+
+
+def ri_sample(groups: np.ndarray | None, n: int, seed: int, limit: int = RI_MAX_TILES) -> np.ndarray:
+    """Rows for the robustness index: all, or a seeded sample of whole groups of about `limit` tiles."""
+    if n <= limit:
+        return np.arange(n)
+    unit = np.unique(groups.astype(str), return_inverse=True)[1] if groups is not None else np.arange(n)
+    counts = np.bincount(unit)
+    order = np.random.default_rng([seed, 3]).permutation(len(counts))
+    keep = order[:max(1, int(np.searchsorted(np.cumsum(counts[order]), limit, side="right")))]
+    return np.flatnonzero(np.isin(unit, keep))
+
+
 def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, seed: int = 0
                   ) -> tuple[list[dict], list[str]]:
     """All metric rows for models that embedded one tile set, plus notes on what was skipped."""
@@ -55,13 +69,18 @@ def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, see
         notes.append("no 'center' column: robustness index skipped.")
     elif not ri_ok:
         notes.append(f"one centre only ({centers[0]}): the robustness index is undefined and was skipped.")
+    ri_rows = ri_sample(groups, len(labels), seed)
+    if ri_ok and len(ri_rows) < len(labels):
+        notes.append(f"ri (croma, which holds memory quadratic in tiles) on a seeded sample of whole groups: "
+                     f"{len(ri_rows)} of {len(labels)} tiles; ri_ratio on all tiles.")
     for e in models:
         name = e.path.stem
         report, how = classification_report(e.vectors, labels, split, groups, k, n_boot, seed)
         rows += [{"model": name, **row} for row in report]
         notes.append(f"{name}: linear probe {how}.")
         if ri_ok:
-            value, k_ri = pathorob_ri(e.vectors, labels, centers, groups)
+            value, k_ri = pathorob_ri(e.vectors[ri_rows], labels[ri_rows], centers[ri_rows],
+                                      groups[ri_rows] if groups is not None else None)
             rows.append({"model": name, "metric": "ri", "value": value, "k": k_ri,
                          "ci_low": None, "ci_high": None})
             for kk in RATIO_KS:

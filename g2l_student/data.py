@@ -167,6 +167,15 @@ class CachedViews(Dataset):
         return view, torch.from_numpy(emb.astype(np.float32)), torch.from_numpy(patch.astype(np.float32))
 
 
+def whole_group_sample(group_of: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of a seeded sample of whole groups (`group_of`: integer group code of each row) of at
+    most `limit` rows (at least one group)."""
+    counts = np.bincount(group_of)
+    order = rng.permutation(len(counts))
+    n_groups = max(1, int(np.searchsorted(np.cumsum(counts[order]), limit, side="right")))
+    return np.flatnonzero(np.isin(group_of, order[:n_groups]))
+
+
 def fresh_item(tiles: np.ndarray, k: int) -> np.ndarray:
     """FreshViews items for view `k` of each tile (rows of tiles.parquet)."""
     return (np.int64(k) << 32) | tiles.astype(np.int64)

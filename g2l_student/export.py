@@ -30,7 +30,7 @@ def _checkpoint_weights(checkpoint: Path) -> dict:
     return sd
 
 
-def _cache_mpp(cache: str) -> float | None:
+def cache_mpp(cache: str) -> float | None:
     """The mpp the cache's tiles were read at (what the student was trained on), if readable."""
     from g2l_cache import CacheReader
 
@@ -68,7 +68,7 @@ def export_run(run_root: str | Path, checkpoint: str | Path | None = None) -> Pa
                            "mean": list(cfg.student_mean or pcfg.get("mean", (0.485, 0.456, 0.406))),
                            "std": list(cfg.student_std or pcfg.get("std", (0.229, 0.224, 0.225))),
                            "interpolation": "bicubic", "crop_pct": 1.0},
-        "g2l": {"checkpoint": ckpt.name, "cache": info["cache"], "mpp": _cache_mpp(info["cache"]),
+        "g2l": {"checkpoint": ckpt.name, "cache": info["cache"], "mpp": cache_mpp(info["cache"]),
                 "cache_fingerprint": info["cache_fingerprint"], "target": cfg.target,
                 "loss": cfg.loss, "head": "head.safetensors: Linear + BatchNorm1d per target "
                 "(keys 'cls.*', 'mean-patch.*')"},

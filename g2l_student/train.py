@@ -24,7 +24,7 @@ from g2l_cache.teachers import Teacher, TeacherSpec, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.workers import loader_worker_init
 from g2l_student.config import FitConfig
-from g2l_student.data import (CachedViews, FreshViews, epoch_rows, fresh_item, patients_of_slides, samples_per_epoch, select_views,
+from g2l_student.data import (CachedViews, FreshViews, epoch_rows, fresh_item, whole_group_sample, patients_of_slides, samples_per_epoch, select_views,
                               split_by_slide, view_slides)
 from g2l_student.losses import get_loss
 from g2l_student.model import Student, build_student, init_heads_from_targets
@@ -117,9 +117,8 @@ def load_fit_data(cfg: FitConfig) -> FitData:
     """Open the cache, pick the teacher, select views and split them by slide."""
     reader = CacheReader(cfg.cache)
     if cfg.online_teacher:  # cached targets of that teacher, if complete, only seed the heads
-        teacher = next((info for fp, info in reader.manifest["teachers"].items()
-                        if cfg.online_teacher in (fp, info["spec"]["name"]) and info.get("complete")
-                        and not cfg.online_teacher_weights), None)
+        teacher = _cached_online_teacher(cfg, reader)
+        teacher = teacher if teacher is not None and teacher.get("complete") else None
     else:
         teacher = reader.teacher(cfg.teacher)
         if not teacher.get("complete"):
@@ -153,20 +152,26 @@ def fidelity_views(data: FitData, n_views: int, seed: int) -> tuple[np.ndarray, 
     there is no validation split); a seeded sample of whole tiles when there are more."""
     split, views = ("validation", data.val) if len(data.val) else ("training", data.train)
     if len(views) > n_views:
-        _, tile_of, counts = np.unique(data.tiles_of(views), return_inverse=True, return_counts=True)
-        order = np.random.default_rng([seed, 5]).permutation(len(counts))
-        n_tiles = max(1, int(np.searchsorted(np.cumsum(counts[order]), n_views, side="right")))
-        views = views[np.isin(tile_of, order[:n_tiles])]
+        tile_of = np.unique(data.tiles_of(views), return_inverse=True)[1]
+        views = views[whole_group_sample(tile_of, n_views, np.random.default_rng([seed, 5]))]
     return views, split
+
+
+def _cached_online_teacher(cfg: FitConfig, reader: CacheReader) -> dict | None:
+    """The cache's entry of the --online-teacher (by fingerprint or name), unless other weights are given."""
+    if cfg.online_teacher_weights:
+        return None
+    return next((info for fp, info in reader.manifest["teachers"].items()
+                 if cfg.online_teacher in (fp, info["spec"]["name"])), None)
 
 
 def build_online_teacher(cfg: FitConfig, reader: CacheReader, device):
     """The teacher to run live: the cache's recorded spec when NAME is one of its teachers."""
     if cfg.online_teacher is None:
         return None
-    for fp, info in reader.manifest["teachers"].items():
-        if cfg.online_teacher in (fp, info["spec"]["name"]) and not cfg.online_teacher_weights:
-            return load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"], device=device)
+    info = _cached_online_teacher(cfg, reader)
+    if info is not None:
+        return load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"], device=device)
     spec = TeacherSpec(cfg.online_teacher, cfg.online_teacher_weights, cfg.online_random_init, cfg.seed)
     return load_teacher(spec, img_size=reader.policy.crop_size, device=device)
 

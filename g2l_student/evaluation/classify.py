@@ -10,7 +10,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from sklearn.model_selection import GroupShuffleSplit
 
 from g2l_cache.errors import G2LError
-from g2l_student.neighbours import nearest
+from g2l_student.neighbours import group_codes, nearest
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
@@ -182,8 +182,7 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, classes: np.ndarray, n: 
     rng = np.random.default_rng(seed)
     truth = np.searchsorted(classes, y_true)
     scorer = _WeightedScores(truth, proba, len(classes))
-    unit = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1] if groups is not None \
-        else np.arange(len(y_true))
+    unit = group_codes(groups, len(y_true))
     n_units = int(unit.max()) + 1 if len(unit) else 0
     draws: dict[str, list[float]] = {}
     for _ in range(n):

@@ -12,6 +12,8 @@ from g2l_cache.errors import G2LError
 from g2l_student.evaluation.classify import classification_report, make_split
 from g2l_student.evaluation.embedder import Embeddings, read_embeddings
 from g2l_student.evaluation.robustness import pathorob_ri, ri_ratio
+from g2l_student.data import whole_group_sample
+from g2l_student.neighbours import group_codes
 from g2l_student.similarity import debiased_cka, knn_overlap, linear_cka
 
 METRIC_COLUMNS = ["task", "model", "metric", "value", "k", "ci_low", "ci_high"]
@@ -43,11 +45,7 @@ def ri_sample(groups: np.ndarray | None, n: int, seed: int, limit: int = RI_MAX_
     """Rows for the robustness index: all, or a seeded sample of whole groups of about `limit` tiles."""
     if n <= limit:
         return np.arange(n)
-    unit = np.unique(groups.astype(str), return_inverse=True)[1] if groups is not None else np.arange(n)
-    counts = np.bincount(unit)
-    order = np.random.default_rng([seed, 3]).permutation(len(counts))
-    keep = order[:max(1, int(np.searchsorted(np.cumsum(counts[order]), limit, side="right")))]
-    return np.flatnonzero(np.isin(unit, keep))
+    return whole_group_sample(group_codes(groups, n), limit, np.random.default_rng([seed, 3]))
 
 
 def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, seed: int = 0

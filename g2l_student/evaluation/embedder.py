@@ -97,17 +97,15 @@ def load_embedding_model(model: str, random_init: bool = False, weights: str | N
 
 def _student_mpp(cfg: dict, export: Path) -> float:
     """The mpp the student was trained at: recorded in its export, else read from its cache."""
-    from g2l_cache import CacheReader
+    from g2l_student.export import cache_mpp
 
     g2l = cfg.get("g2l", {})
-    if g2l.get("mpp"):
-        return float(g2l["mpp"])
-    try:
-        return float(CacheReader(g2l["cache"]).manifest["settings"]["tiling"]["mpp"])
-    except (G2LError, KeyError, TypeError) as exc:
+    mpp = g2l.get("mpp") or (cache_mpp(g2l["cache"]) if g2l.get("cache") else None)
+    if mpp is None:
         raise G2LError(f"{export / 'config.json'} records no mpp and its cache {g2l.get('cache')!r} cannot be "
-                       f"read ({exc}); re-export the run with `g2l student export RUN` while its cache is "
-                       "in place (the export then records the mpp).") from None
+                       "read; re-export the run with `g2l student export RUN` while its cache is in place "
+                       "(the export then records the mpp).")
+    return float(mpp)
 
 
 class _Tiles(Dataset):

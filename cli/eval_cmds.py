@@ -49,14 +49,17 @@ def compare(embeddings: list[Path] = typer.Argument(..., help="Files written by 
             k: int = typer.Option(20, help="Neighbours for kNN classification."),
             bootstrap: int = typer.Option(1000, help="Bootstrap resamples for 95% intervals."),
             seed: int = typer.Option(0, help="Seed for splits and bootstrap."),
-            map_method: str = typer.Option("auto", "--map", help="2-D map: auto (UMAP if installed), umap or pca.")) -> None:
-    """kNN, linear probe (with 95% CIs), CKA and robustness index per model; report.md, metrics.csv, PNGs."""
+            map_method: str = typer.Option("auto", "--map", help="2-D map: auto (UMAP if installed), umap or pca."),
+            apd_iterations: int = typer.Option(20, help="Replicates of PathoROB's APD probe sweep (20 as "
+                                               "PathoROB; 0 skips APD). Run only on 2-centre x 2-class sets.")) -> None:
+    """kNN, linear probe (with 95% CIs), CKA and robustness (RI, its curve over k, MaRI, APD) per model;
+    report.md, metrics.csv, PNGs."""
     import polars as pl
 
     from g2l_student.evaluation.compare import compare as run_compare
 
-    metrics = run_compare([str(e) for e in embeddings], out, k, bootstrap, seed, map_method)
-    shown = ("knn_balanced_accuracy", "linear_balanced_accuracy", "linear_auroc", "ri", "ri_ratio")
+    metrics = run_compare([str(e) for e in embeddings], out, k, bootstrap, seed, map_method, apd_iterations)
+    shown = ("knn_balanced_accuracy", "linear_balanced_accuracy", "linear_auroc", "ri", "mari", "apd", "ri_ratio")
     for task in metrics["task"].unique(maintain_order=True).to_list():
         m = metrics.filter(pl.col("task") == task)
         table = Table(title=f"g2l eval: {task}")
@@ -65,7 +68,7 @@ def compare(embeddings: list[Path] = typer.Argument(..., help="Files written by 
                 if name in shown or "_vs_" in name]
         cols = list(dict.fromkeys((n, kk if n == "ri_ratio" else None) for n, kk in cols))
         labels = {"knn_balanced_accuracy": "kNN bal.acc", "linear_balanced_accuracy": "lin bal.acc",
-                  "linear_auroc": "lin AUROC", "ri": "RI", "ri_ratio": "RI ratio"}
+                  "linear_auroc": "lin AUROC", "ri": "RI", "mari": "MaRI", "apd": "APD", "ri_ratio": "RI ratio"}
         for name, kk in cols:
             label = labels.get(name, name.replace("cka_debiased_vs_", "dCKA vs ").replace("cka_vs_", "CKA vs ")
                                .replace("knn10_overlap_vs_", "10-NN overlap vs "))

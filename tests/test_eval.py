@@ -16,7 +16,8 @@ from g2l_student.evaluation.classify import (bootstrap_ci, classification_report
 from g2l_student.evaluation.compare import compare, similarity_between
 from g2l_student.evaluation.demo_tiles import write_demo_tiles
 from g2l_student.evaluation.embedder import (embed_tileset, load_embedding_model, read_embeddings)
-from g2l_student.evaluation.robustness import pathorob_ri, ri_ratio, so_os_counts
+from g2l_student.evaluation.robustness import (apd_units, croma_robustness, pathorob_apd, ri_ratio,
+                                                 so_os_counts)
 from g2l_student.evaluation.tileset import load_tileset
 
 runner = CliRunner()
@@ -79,10 +80,62 @@ def test_robustness_counts_by_hand_and_against_croma():
     x[labels == "A"] += 0.8
     x[centers == "X"] -= 0.5
     groups = np.array([f"s{i // 3}" for i in range(60)])
-    value, k = pathorob_ri(x, labels, centers, groups)
-    so, os_ = so_os_counts(x, labels, centers, groups, k)
-    assert abs(value - so / (so + os_)) < 1e-12 and 0 <= value <= 1
+    r = croma_robustness(x, labels, centers, groups)
+    so, os_ = so_os_counts(x, labels, centers, groups, r.ri_k)
+    assert abs(r.ri - so / (so + os_)) < 1e-12 and 0 <= r.ri <= 1
+    # croma's curve over k is the same pooled count at every k, and passes through its chosen k
+    assert r.curve[r.ri_k] == r.ri and len(r.curve) == 9
+    for kk, value in r.curve.items():
+        so, os_ = so_os_counts(x, labels, centers, groups, kk)
+        assert abs(value - so / (so + os_)) < 1e-12, kk
+    assert 0 <= r.mari <= 1 and r.mari_tau > 0
     assert abs(ri_ratio(x, labels, centers, groups, 3) - np.divide(*so_os_counts(x, labels, centers, groups, 3))) < 1e-12
+
+
+def _two_by_two(n_groups=18, tiles=6, odd_group_size=None):
+    """2 centres x 2 classes, each (centre, class) cell holding n_groups single-class groups."""
+    lab, cen, grp = [], [], []
+    for c in range(2):
+        for y in range(2):
+            for g in range(n_groups):
+                size = odd_group_size if (odd_group_size and g == 0) else tiles
+                lab += [f"L{y}"] * size
+                cen += [f"C{c}"] * size
+                grp += [f"c{c}y{y}g{g}"] * size
+    return np.array(lab), np.array(cen), np.array(grp)
+
+
+def test_apd_units_by_hand_and_when_the_data_do_not_allow_it():
+    labels, centers, groups = _two_by_two(n_groups=17, tiles=6, odd_group_size=2)
+    rows, cen, cls, r = apd_units(labels, centers, groups)
+    # every cell has 16 groups of 6 tiles and one of 2: the 16th largest is 6, the small group is dropped
+    assert r == 6 and len(rows) == 4 * 16 * 6 and len(set(rows)) == len(rows)
+    for start in range(0, len(rows), r):  # each unit: r consecutive rows of one group, one cell
+        unit = rows[start:start + r]
+        assert len(set(groups[unit])) == 1 and len(set(cen[start:start + r])) == 1
+    assert (labels[rows] == np.where(cls == 1, "L1", "L0")).all()
+    assert (centers[rows] == np.where(cen == 1, "C1", "C0")).all()
+    assert "2 centres and 2 classes" in apd_units(labels, np.where(centers == "C0", "C0", labels), groups)
+    few = _two_by_two(n_groups=15)
+    assert "16 groups in every (centre, class) cell" in apd_units(*few)
+    assert "'group' column" in apd_units(labels, centers, None)
+    mixed = groups.copy()
+    mixed[0] = groups[-1]  # one group now spans both centres
+    assert "spans several" in apd_units(labels, centers, mixed)
+
+
+def test_apd_penalises_an_embedding_that_encodes_the_centre():
+    labels, centers, groups = _two_by_two()
+    rng = np.random.default_rng(0)
+    biology = rng.normal(size=(len(labels), 8))
+    biology[:, 0] += 3.0 * (labels == "L1")
+    confounded = biology.copy()
+    confounded[:, 0] = rng.normal(size=len(labels)) + 0.6 * (labels == "L1")  # weak biology
+    confounded[:, 1] += 4.0 * (centers == "C1")  # strong centre
+    clean, r = pathorob_apd(biology, labels, centers, groups, iterations=3)
+    dirty, _ = pathorob_apd(confounded, labels, centers, groups, iterations=3)
+    # biology alone: the confounded training splits cost nothing; a centre signal costs accuracy
+    assert r == 6 and abs(clean) < 0.02 and dirty < clean - 0.05
 
 
 def test_robustness_with_one_centre_is_undefined():
@@ -148,14 +201,24 @@ def test_compare_writes_report_metrics_and_pictures(tiles, tmp_path):
     assert sorted(ratio["k"].to_list()) == [3, 3, 20, 20]
     ri = m.filter(pl.col("metric") == "ri")
     assert ri.height == 2 and ri["value"].is_between(0, 1).all()
+    curve = m.filter(pl.col("metric") == "ri_curve")
+    # 24 tiles: the candidate k stop below the tile count
+    assert curve.height == 2 * 7 and set(curve["k"]) == {1, 3, 5, 7, 10, 15, 20}
+    for row in ri.iter_rows(named=True):  # the curve passes through the chosen k
+        at_k = curve.filter((pl.col("model") == row["model"]) & (pl.col("k") == row["k"]))
+        assert at_k["value"][0] == pytest.approx(row["value"])
+    assert m.filter(pl.col("metric") == "mari")["value"].is_between(0, 1).all()
+    assert m.filter(pl.col("metric") == "apd").height == 0  # 24 tiles: too few groups, said why
     knn = m.filter(pl.col("metric") == "knn_balanced_accuracy").row(0, named=True)
     assert knn["k"] == 20 and knn["ci_low"] <= knn["value"] <= knn["ci_high"]
     for metric in ("cka_vs_teacher", "cka_debiased_vs_teacher", "knn10_overlap_vs_teacher"):
         row = m.filter(pl.col("metric") == metric)
         assert row.height == 1 and row["model"][0] == "student" and -1 <= row["value"][0] <= 1
-    for name in ("report.md", "bars-tiles.png", "map-tiles.png"):
+    for name in ("report.md", "bars-tiles.png", "map-tiles.png", "ri-curve-tiles.png"):
         assert (tmp_path / "rep" / name).exists()
-    assert "| teacher |" in (tmp_path / "rep" / "report.md").read_text()
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| teacher |" in report and "apd skipped: APD needs every group in one centre" in report
+    assert "ri-curve-tiles.png" in report and "ri_curve" not in report.split("\n## ")[1].split("\n\n")[2]
 
 
 def test_bad_inputs(tiles, tmp_path):

@@ -112,3 +112,21 @@ def test_the_example_configs_are_valid():
     assert BuildConfig(**{"out": "o", **build}).teacher == "h-optimus-0"
     fit = FitConfig.from_dict({"cache": "c", "out": "o", **load_toml(REPO / "examples" / "g2l-student.toml", "fit")})
     assert fit.student_weights == "histai/hibou-L" and fit.early_stop == "g2l"
+
+
+def test_the_dataset_csv_recipes_in_the_evaluation_docs_load_as_tile_sets(tmp_path):
+    from g2l_student.evaluation.tileset import OPTIONAL_COLUMNS, load_tileset
+
+    text = (REPO / "docs" / "evaluation.md").read_text()
+    blocks = re.findall(r"```csv\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 6
+    for i, block in enumerate(blocks):
+        csv = tmp_path / f"recipe{i}.csv"
+        csv.write_text(block)
+        for line in block.strip().splitlines()[1:]:  # the files a real download would hold
+            f = tmp_path / line.split(",")[0]
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(b"")
+        table = load_tileset(csv).table
+        assert set(table.columns) - {"path", "label"} <= set(OPTIONAL_COLUMNS), block
+        assert table.height == len(block.strip().splitlines()) - 1

@@ -10,8 +10,8 @@ import polars as pl
 
 from g2l_cache.errors import G2LError
 from g2l_student.evaluation.classify import classification_report, make_split
-from g2l_student.evaluation.embedder import Embeddings, read_embeddings
-from g2l_student.evaluation.robustness import pathorob_ri, ri_ratio
+from g2l_student.evaluation.embedder import Embeddings, embedding_tile_set, read_embeddings
+from g2l_student.evaluation.robustness import croma_robustness, pathorob_apd, ri_ratio
 from g2l_student.data import whole_group_sample
 from g2l_student.neighbours import group_codes
 from g2l_student.similarity import debiased_cka, knn_overlap, linear_cka
@@ -48,8 +48,35 @@ def ri_sample(groups: np.ndarray | None, n: int, seed: int, limit: int = RI_MAX_
     return whole_group_sample(group_codes(groups, n), limit, np.random.default_rng([seed, 3]))
 
 
-def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, seed: int = 0
-                  ) -> tuple[list[dict], list[str]]:
+def _row(model: str, metric: str, value: float, k: int | None = None) -> dict:
+    return {"model": model, "metric": metric, "value": value, "k": k, "ci_low": None, "ci_high": None}
+
+
+def robustness_rows(name: str, e: Embeddings, labels: np.ndarray, centers: np.ndarray,
+                    groups: np.ndarray | None, ri_rows: np.ndarray, apd_iterations: int, seed: int
+                    ) -> tuple[list[dict], list[str]]:
+    """ri (and its curve over k), mari, ri_ratio at k = 3 and 20, and apd where the data allow it."""
+    sub = groups[ri_rows] if groups is not None else None
+    r = croma_robustness(e.vectors[ri_rows], labels[ri_rows], centers[ri_rows], sub)
+    rows = [_row(name, "ri", r.ri, r.ri_k)]
+    rows += [_row(name, "ri_curve", v, kk) for kk, v in r.curve.items()]
+    rows.append(_row(name, "mari", r.mari, r.mari_k))
+    rows += [_row(name, "ri_ratio", ri_ratio(e.vectors, labels, centers, groups, kk), kk) for kk in RATIO_KS]
+    notes = [f"{name}: mari (croma) at k={r.mari_k} with tau={r.mari_tau:.4g}, the median distance to "
+             "typed neighbours."]
+    if apd_iterations > 0:
+        apd = pathorob_apd(e.vectors, labels, centers, groups, apd_iterations, seed)
+        if isinstance(apd, str):
+            notes.append(f"{name}: apd skipped: {apd}")
+        else:
+            rows.append(_row(name, "apd", apd[0]))
+            notes.append(f"{name}: apd (PathoROB's Camelyon schedule, croma) over {apd_iterations} "
+                         f"replicates, {apd[1]} tiles per group and class.")
+    return rows, notes
+
+
+def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, seed: int = 0,
+                  apd_iterations: int = 20) -> tuple[list[dict], list[str]]:
     """All metric rows for models that embedded one tile set, plus notes on what was skipped."""
     first = models[0]
     labels = _column(first, "label")
@@ -77,42 +104,42 @@ def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, see
         rows += [{"model": name, **row} for row in report]
         notes.append(f"{name}: linear probe {how}.")
         if ri_ok:
-            value, k_ri = pathorob_ri(e.vectors[ri_rows], labels[ri_rows], centers[ri_rows],
-                                      groups[ri_rows] if groups is not None else None)
-            rows.append({"model": name, "metric": "ri", "value": value, "k": k_ri,
-                         "ci_low": None, "ci_high": None})
-            for kk in RATIO_KS:
-                rows.append({"model": name, "metric": "ri_ratio",
-                             "value": ri_ratio(e.vectors, labels, centers, groups, kk), "k": kk,
-                             "ci_low": None, "ci_high": None})
+            more_rows, more_notes = robustness_rows(name, e, labels, centers, groups, ri_rows,
+                                                    apd_iterations, seed)
+            rows += more_rows
+            notes += more_notes
         if e is not first:
-            for metric, value in similarity_between(first, e).items():
-                rows.append({"model": name, "metric": f"{metric}_vs_{first.path.stem}",
-                             "value": value, "k": None, "ci_low": None, "ci_high": None})
+            rows += [_row(name, f"{metric}_vs_{first.path.stem}", value)
+                     for metric, value in similarity_between(first, e).items()]
     return rows, notes
 
 
 def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int = 1000, seed: int = 0,
-            map_method: str = "auto") -> pl.DataFrame:
+            map_method: str = "auto", apd_iterations: int = 20) -> pl.DataFrame:
     """Evaluate every embedding file, grouped into tasks by tile set; write REPORT/ and return metrics."""
     if not paths:
         raise G2LError("give at least one embedding file.")
-    embs = [read_embeddings(p) for p in paths]
-    stems = [e.path.stem for e in embs]
+    stems = [Path(p).stem for p in paths]
     if len(set(stems)) != len(stems):
         raise G2LError("embedding files must have distinct names: the file name is the model's name.")
-    tasks: dict[str, list[Embeddings]] = {}
-    for e in embs:
-        tasks.setdefault(e.data_fingerprint, []).append(e)
-    names = _task_names(tasks)
+    # tasks from the files' metadata; each task's vectors are read only while it is evaluated
+    tasks: dict[str, list[Path]] = {}
+    data_names: dict[str, str] = {}
+    for p in paths:
+        data, fingerprint = embedding_tile_set(p)
+        tasks.setdefault(fingerprint, []).append(Path(p))
+        data_names[fingerprint] = data
+    names = _task_names(tasks, data_names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     all_rows, notes = [], {}
-    for fp, models in tasks.items():
-        rows, task_notes = evaluate_task(models, k, n_boot, seed)
+    for fp, files in tasks.items():
+        models = [read_embeddings(f) for f in files]
+        rows, task_notes = evaluate_task(models, k, n_boot, seed, apd_iterations)
         all_rows += [{"task": names[fp], **r} for r in rows]
         notes[names[fp]] = task_notes
         _plot_maps(models, out / f"map-{names[fp]}.png", map_method, seed)
+        del models
     metrics = pl.DataFrame(all_rows, schema={"task": pl.Utf8, "model": pl.Utf8, "metric": pl.Utf8,
                                              "value": pl.Float64, "k": pl.Int64,
                                              "ci_low": pl.Float64, "ci_high": pl.Float64}
@@ -120,14 +147,15 @@ def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int =
     metrics.write_csv(out / "metrics.csv")
     for task in metrics["task"].unique(maintain_order=True).to_list():
         _plot_bars(metrics.filter(pl.col("task") == task), out / f"bars-{task}.png", task)
+        _plot_ri_curve(metrics.filter(pl.col("task") == task), out / f"ri-curve-{task}.png", task)
     (out / "report.md").write_text(render_report(metrics, notes))
     return metrics
 
 
-def _task_names(tasks: dict[str, list[Embeddings]]) -> dict[str, str]:
+def _task_names(tasks: dict[str, list[Path]], data_names: dict[str, str]) -> dict[str, str]:
     names, seen = {}, set()
-    for fp, models in tasks.items():
-        name = "".join(c if c.isalnum() or c in "-_" else "-" for c in models[0].data)
+    for fp in tasks:
+        name = "".join(c if c.isalnum() or c in "-_" else "-" for c in data_names[fp])
         names[fp] = name if name not in seen else f"{name}-{fp[:6]}"
         seen.add(names[fp])
     return names
@@ -149,7 +177,8 @@ def render_report(metrics: pl.DataFrame, notes: dict[str, list[str]]) -> str:
             lines.append(f"> note: {note}")
         # ri_ratio is reported at fixed k (one column each); ri's k is chosen per model (in the cell).
         keys = [(metric, k if metric == "ri_ratio" else None)
-                for metric, k in m.select("metric", "k").unique(maintain_order=True).rows()]
+                for metric, k in m.select("metric", "k").unique(maintain_order=True).rows()
+                if metric != "ri_curve"]  # drawn in ri-curve-TASK.png
         keys = list(dict.fromkeys(keys))
         header = ["model"] + [metric + (f" (k={k})" if k is not None else "") for metric, k in keys]
         lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -164,13 +193,18 @@ def render_report(metrics: pl.DataFrame, notes: dict[str, list[str]]) -> str:
                     continue
                 row = r.row(0, named=True)
                 ci = f" [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]" if row["ci_low"] is not None else ""
-                chosen_k = f" (k={row['k']})" if metric == "ri" else ""
+                chosen_k = f" (k={row['k']})" if metric in ("ri", "mari") else ""
                 cells.append(_fmt(row["value"]) + ci + chosen_k)
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"![metrics](bars-{task}.png)", "", f"![embedding map](map-{task}.png)", ""]
+        lines += ["", f"![metrics](bars-{task}.png)", ""]
+        if "ri_curve" in set(m["metric"]):
+            lines += [f"![RI over k](ri-curve-{task}.png)", ""]
+        lines += [f"![embedding map](map-{task}.png)", ""]
     lines += ["Intervals: 95% bootstrap over test groups where the task has a group column, else over "
               "test tiles (see each task's notes). ri: PathoROB robustness index (croma), "
-              "k chosen by kNN balanced accuracy; ri_ratio: de Jong's SO/OS ratio at fixed k.", ""]
+              "k chosen by kNN balanced accuracy (the curve over k is drawn); mari: croma's margin-aware "
+              "RI; apd: PathoROB's average performance drop (closer to 0 is more robust); "
+              "ri_ratio: de Jong's SO/OS ratio at fixed k.", ""]
     return "\n".join(lines)
 
 
@@ -198,6 +232,32 @@ def _plot_bars(m: pl.DataFrame, path: Path, task: str) -> None:
     ax.set_xticklabels([x.replace("_", "\n") for x in metrics], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title(task)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_ri_curve(m: pl.DataFrame, path: Path, task: str) -> None:
+    """RI over k per model, the k croma chose marked: a model robust only at one k shows here."""
+    curve = m.filter(pl.col("metric") == "ri_curve")
+    if curve.height == 0:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    for model in curve["model"].unique(maintain_order=True).to_list():
+        c = curve.filter(pl.col("model") == model).sort("k")
+        line, = ax.plot(c["k"].to_list(), c["value"].to_list(), marker=".", label=model)
+        chosen = m.filter((pl.col("model") == model) & (pl.col("metric") == "ri")).row(0, named=True)
+        ax.plot([chosen["k"]], [chosen["value"]], marker="o", ms=9, mfc="none", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("k (neighbours)")
+    ax.set_ylabel("RI")
+    ax.set_title(f"{task}: robustness index over k (circle: chosen k)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -189,8 +189,8 @@ class Embeddings:
     vectors: np.ndarray
 
 
-def read_embeddings(path: str | Path) -> Embeddings:
-    """Load a file written by `g2l embed`, with clear errors for anything else."""
+def _open_embedding_file(path: str | Path):
+    """(path, metadata, ParquetFile) of a file written by `g2l embed`; clear errors for anything else."""
     p = Path(path)
     if not p.is_file():
         raise G2LError(f"embedding file {p} does not exist.")
@@ -201,9 +201,21 @@ def read_embeddings(path: str | Path) -> Embeddings:
         parquet = pq.ParquetFile(p, pre_buffer=False)
     except Exception as exc:
         raise G2LError(f"{p} is not a readable Parquet file ({exc}).") from None
-    names = parquet.schema_arrow.names
-    if meta is None or "embedding" not in names:
+    if meta is None or "embedding" not in parquet.schema_arrow.names:
         raise G2LError(f"{p} was not written by `g2l embed` (no embedding column / metadata).")
+    return p, meta, parquet
+
+
+def embedding_tile_set(path: str | Path) -> tuple[str, str]:
+    """(data name, data fingerprint) of an embedding file, read from its metadata only."""
+    _, meta, _ = _open_embedding_file(path)
+    return meta["data"], meta["data_fingerprint"]
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """Load a file written by `g2l embed`, with clear errors for anything else."""
+    p, meta, parquet = _open_embedding_file(path)
+    names = parquet.schema_arrow.names
     table = pl.read_parquet(p, columns=[c for c in names if c != "embedding"])
     for col in ("path", "label"):
         if col not in table.columns:
@@ -212,13 +224,15 @@ def read_embeddings(path: str | Path) -> Embeddings:
     # Arrow buffers and the array in memory at once
     dim = parquet.schema_arrow.field("embedding").type.list_size
     vectors = np.empty((parquet.metadata.num_rows, dim), dtype=np.float32)
-    row = 0
+    row, finite = 0, True
     for group in range(parquet.metadata.num_row_groups):  # one decoded row group at a time
         for chunk in parquet.read_row_group(group, columns=["embedding"]).column(0).chunks:
-            vectors[row:row + len(chunk)] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
+            block = vectors[row:row + len(chunk)]
+            block[:] = chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim)
+            finite = finite and bool(np.isfinite(block).all())  # per chunk: no n x dim mask
             row += len(chunk)
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps decoded pages otherwise
-    if not np.isfinite(vectors).all():
+    if not finite:
         raise G2LError(f"{p} holds NaN or infinite embeddings; re-embed the tiles.")
     return Embeddings(p, meta["model"], meta["data"], meta["data_fingerprint"], table, vectors)
 

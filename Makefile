@@ -23,9 +23,12 @@ $(DEMO)/slides/.done: $(STAMP)
 	$(BIN)/g2l demo slides $(DEMO)/slides --n-slides 8 --centers 3 --seed 0
 	touch $@
 
+DEMO_TILING := --tile-size 128 --crop-size 112 --max-tiles-per-slide 48 --views 4
+
 demo: install $(DEMO)/slides/.done
+	$(BIN)/g2l cache plan $(DEMO)/slides --out $(DEMO)/cache --teacher $(DEMO_TEACHER) $(DEMO_TILING) --gpu h100
 	$(BIN)/g2l cache build $(DEMO)/slides --out $(DEMO)/cache --teacher $(DEMO_TEACHER) \
-		--random-init --tile-size 128 --crop-size 112 --max-tiles-per-slide 48 --views 4 --batch-size 32
+		--random-init $(DEMO_TILING) --batch-size 32
 	$(BIN)/g2l cache info $(DEMO)/cache
 	$(BIN)/g2l student fit $(DEMO)/cache --out $(DEMO)/run --overwrite --student $(DEMO_STUDENT) \
 		--random-init --img-size 64 --steps 300 --batch-size 32 --lr 5e-4 --val-fraction 0.25 \
@@ -37,11 +40,15 @@ demo: install $(DEMO)/slides/.done
 		--out $(DEMO)/eval/untrained-student.parquet
 	$(BIN)/g2l eval compare $(DEMO)/eval/teacher.parquet $(DEMO)/eval/student.parquet \
 		$(DEMO)/eval/untrained-student.parquet --out $(DEMO)/report
+	$(BIN)/g2l student export $(DEMO)/run --evaluation $(DEMO)/report
+	$(BIN)/g2l cache info $(DEMO)/cache --runs $(DEMO)/run
 	@echo
 	@echo "cache:      $(DEMO)/cache   (tables: $(DEMO)/cache/*.parquet)"
 	@echo "QC images:  $(DEMO)/cache/qc/"
+	@echo "plan:       $(DEMO)/cache/plan.json"
 	@echo "run:        $(DEMO)/run     (metrics.csv, loss.png, export/student.safetensors)"
-	@echo "evaluation: $(DEMO)/report  (report.md, metrics.csv, bars-*.png, map-*.png)"
+	@echo "model card: $(DEMO)/run/export/README.md"
+	@echo "evaluation: $(DEMO)/report  (report.md, metrics.csv, bars-*.png, ri-curve-*.png, map-*.png)"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -101,27 +101,6 @@ def _has_teacher(args) -> bool:
     return any(t["spec"]["name"] == args.teacher and t.get("complete") for t in m["teachers"].values())
 
 
-def meta_flops(name: str, size: int, train: bool) -> float:
-    """FLOPs per image of a teacher preset / timm model: forward, or forward + backward if train.
-
-    Counted on the meta device: shapes only, no weights, no time.
-    """
-    import timm
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from g2l_cache.teachers import get_preset
-
-    preset = get_preset(name)
-    with torch.device("meta"):
-        model = timm.create_model(preset.arch, num_classes=0, img_size=size, **preset.kwargs)
-        x = torch.empty(1, 3, size, size)
-        with FlopCounterMode(display=False) as counter:
-            out = model.forward_features(x)
-            if train:
-                out.float().mean().backward()
-    return float(counter.get_total_flops())
-
-
 def timed(fn, iters: int, device: str, warmup: int = 3, repeats: int = 3) -> float:
     """Seconds per call of fn after warm-up: the best of `repeats` runs of `iters` calls.
 

@@ -3,7 +3,8 @@
 (teacher forward + student train step) / (student train step).
 """
 
-from _common import WORK, bench_cache, device_name, fresh, meta_flops, parser, save, steady_step_seconds
+from _common import WORK, bench_cache, device_name, fresh, parser, save, steady_step_seconds
+from g2l_cache.costs import model_flops
 from student_fit import fit_config
 
 
@@ -22,8 +23,8 @@ def main() -> None:
     fit(fit_config(args, cache, online_run, args.steps, online_teacher=args.teacher))
     cached_epoch = steady_step_seconds(cached_run) * steps_per_epoch
     online_epoch = steady_step_seconds(online_run) * steps_per_epoch
-    teacher_fwd = meta_flops(args.teacher, args.crop_size, train=False)
-    student_train = meta_flops(args.student, args.crop_size, train=True)
+    teacher_fwd = model_flops(args.teacher, args.crop_size, train=False)
+    student_train = model_flops(args.student, args.crop_size, train=True)
     save("cached_vs_online", {
         "ratio": online_epoch / cached_epoch, "device": device_name(args.device),
         "teacher": args.teacher, "student": args.student, "batch_size": args.batch_size,

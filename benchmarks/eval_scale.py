@@ -9,7 +9,6 @@ Targets: peak RSS <= 4 GB and <= 10 min on 2 cores. Writes results/eval_scale.js
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -75,17 +74,13 @@ def main() -> None:
     if proc.returncode != 0:
         sys.exit(f"eval compare failed:\n{proc.stderr[-3000:]}")
     peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9  # KiB on Linux
-    metrics = pl_read(work / "report" / "metrics.csv")
+    import polars as pl
+
+    metrics = pl.read_csv(work / "report" / "metrics.csv").to_dicts()
     save("eval_scale", {"peak_rss_gb": peak_gb, "seconds": seconds, "n_query": args.test,
                         "n_reference": args.train, "n_robustness": args.robustness, "dim": args.dim,
                         "bootstrap": args.bootstrap, "targets": {"peak_rss_gb": 4.0, "seconds": 600},
                         "metrics": metrics}, args.out)
-
-
-def pl_read(path: Path) -> list[dict]:
-    import polars as pl
-
-    return pl.read_csv(path).to_dicts()
 
 
 if __name__ == "__main__":

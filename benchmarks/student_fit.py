@@ -24,7 +24,7 @@ def main() -> None:
     args = p.parse_args()
     from g2l_cache import CacheReader
     from g2l_student.model import build_student
-    from g2l_student.task import head_dims
+    from g2l_student.targets import head_dims
     from g2l_student.train import fit
 
     cache = bench_cache(args)

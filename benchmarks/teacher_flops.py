@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import meta_flops, save
+from _common import save
+from g2l_cache.costs import model_flops
 
 
 def main() -> None:
@@ -15,7 +16,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
     args = p.parse_args()
     build = json.loads((Path(args.results) / "cache_build.json").read_text())
-    flops = meta_flops(args.teacher, build["input_px"], train=False)
+    flops = model_flops(args.teacher, build["input_px"], train=False)
     out = {"device": build["device"], "teacher": args.teacher, "gflops_per_view": flops / 1e9}
     for key in ("bare_teacher_views_per_s", "build_steady_views_per_s"):
         tflops = flops * build[key] / 1e12

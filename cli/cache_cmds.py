@@ -45,6 +45,76 @@ def _build_command():
 app.command("build")(handle_errors(_build_command()))
 
 
+def _plan(values: dict) -> None:
+    from g2l_cache.build import config_from_dict
+    from g2l_cache.plan import PlanConfig, run_plan
+
+    plan = run_plan(config_from_dict(values, PlanConfig))
+    console.print(plan_table(plan))
+    if plan["slides"]["failed_slides"]:
+        _print_failed(plan["slides"]["failed_slides"])
+    console.print(f"plan: {Path(values['out']) / 'plan.json'}; `g2l cache build` with the same --out and "
+                  "settings starts from it.", markup=False)
+
+
+def _plan_command():
+    from g2l_cache.plan import PlanConfig
+
+    return config_command(PlanConfig, "plan", _plan, """Estimate a build before paying for it: tiles, views, disk and GPU-hours.
+
+    Runs tissue detection only (the build's own first phase, into --out: a later `g2l cache build`
+    with the same --out and settings starts from it), measures the stored bytes of a sample of real
+    tiles, counts the teacher's and student's FLOPs per view on the meta device, and writes
+    OUT/plan.json. GPU-hours use the GPU's dense bf16 peak times the share g2l measured on an H100,
+    or --views-per-second measured on yours. `g2l cache info` later shows the plan beside what was built.
+    A --config file's [build] table is read too (then its [plan] table): one file serves both.
+    """, also_reads=("build",))
+
+
+app.command("plan")(handle_errors(_plan_command()))
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _hours(h: float) -> str:
+    if h >= 1:
+        return f"{h:.3g} GPU-h"
+    return f"{h * 60:.3g} GPU-min" if h * 60 >= 1 else f"{h * 3600:.3g} GPU-s"
+
+
+def plan_table(plan: dict, built: dict | None = None) -> Table:
+    """The plan's estimate, and beside it what was built when `built` (cache_info) is given."""
+    table = Table(title="g2l cache plan" + (" vs built" if built else ""))
+    table.add_column("")
+    table.add_column("planned", justify="right")
+    if built:
+        table.add_column("built", justify="right")
+    t, s, d = plan["teacher"], plan["student"], plan["disk_bytes"]
+    rows = [
+        ("slides ok / failed", f"{plan['slides']['ok']} / {plan['slides']['failed']}",
+         built and f"{built['slides_ok']} / {built['slides_failed']}"),
+        ("tiles", str(plan["tiles"]["total"]), built and str(built["tiles"])),
+        ("views", str(plan["views"]), built and str(built["views"])),
+        (f"bytes per tile ({plan['tiles_measured']} measured)", f"{plan['bytes_per_tile']:.0f}",
+         built and built.get("bytes_per_tile") and f"{built['bytes_per_tile']:.0f}"),
+        ("disk: tiles + targets + tables + QC", _size(d["total"]), built and _size(built["bytes_on_disk"])),
+        (f"teacher {t['name']}: GFLOP per view", f"{t['gflops_per_view']:.1f}", None),
+        (f"build on {plan['gpu']} ({t['rate_from']})",
+         f"{_hours(t['gpu_hours'])} at {t['views_per_second']:.0f} views/s",
+         built and built.get("teacher_hours_text")),
+        (f"student {s['name']}: GFLOP per training view", f"{s['train_gflops_per_view']:.1f}", None),
+        ("student epoch (one view per tile)", _hours(s["gpu_hours_per_epoch"]), None),
+    ]
+    for name, planned, got in rows:
+        table.add_row(name, planned, *([got or "-"] if built else []))
+    return table
+
+
 def _print_summary(summary) -> None:
     table = Table(title="g2l cache build", show_header=False)
     table.add_row("cache", summary.cache)
@@ -58,24 +128,39 @@ def _print_summary(summary) -> None:
     table.add_row("QC images", str(Path(summary.cache) / "qc"))
     console.print(table)
     if summary.failed:
-        failed = Table(title="failed slides", show_header=True)
-        failed.add_column("slide")
-        failed.add_column("error")
-        for slide_id, error in sorted(summary.failed.items()):
-            failed.add_row(escape(slide_id), escape(error))
-        console.print(failed)
+        _print_failed(summary.failed)
+
+
+def _print_failed(failed_slides: dict[str, str]) -> None:
+    failed = Table(title="failed slides", show_header=True)
+    failed.add_column("slide")
+    failed.add_column("error")
+    for slide_id, error in sorted(failed_slides.items()):
+        failed.add_row(escape(slide_id), escape(error))
+    console.print(failed)
 
 
 @app.command("info")
 @handle_errors
 def info(cache: Path = typer.Argument(..., help="Cache folder."),
+         run_folders: Optional[list[Path]] = typer.Argument(None, help="With --runs: student run folders "
+                                                            "trained on this cache.", show_default=False),
+         runs: bool = typer.Option(False, "--runs", help="Sum the cost ledger over the RUN_FOLDERS that follow: "
+                                   "teacher inference paid once, and what each fit reused."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Slides ok/failed, tiles, views, teachers, bytes on disk and bytes per view."""
+    """Slides ok/failed, tiles, views, teachers (with the teacher time paid), bytes on disk and per view;
+    the plan beside what was built when `g2l cache plan` made one; with --runs RUN..., the ledger of reuse."""
+    from g2l_cache.errors import G2LError
     from g2l_cache.inspect import cache_info
+    from g2l_student.ledger import cache_ledger, hours
 
+    if bool(runs) != bool(run_folders):
+        raise G2LError("name run folders after --runs: g2l cache info CACHE --runs RUN [RUN ...].")
+    runs = run_folders or []
     data = cache_info(str(cache))
+    ledger = cache_ledger(cache, runs) if runs else None
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps({**data, **({"ledger": ledger} if ledger else {})}, indent=2))
         return
     table = Table(title=f"g2l cache {data['cache']}", show_header=False)
     for key in ("status", "slides_ok", "slides_failed", "tiles", "views", "n_shards", "bytes_on_disk"):
@@ -83,9 +168,20 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
     bpv = data["bytes_per_view"]
     table.add_row("bytes per view", f"{bpv:.0f}" if bpv else "-")
     for fp, t in data["teachers"].items():
+        paid = f"; inference {hours(t['teacher_seconds'])} on {', '.join(t['devices'])}" if t["devices"] else ""
         table.add_row(f"teacher {fp}", f"{t['targets']} targets, dim {t['embed_dim']}+{t['patch_dim']}"
-                      f"{'' if t['complete'] else ' (incomplete)'}")
+                      f"{'' if t['complete'] else ' (incomplete)'}{paid}")
     console.print(table)
+    if data["plan"]:
+        built = dict(data)
+        teacher = next((t for t in data["teachers"].values() if t["name"] == data["plan"]["teacher"]["name"]), None)
+        if teacher and teacher["devices"]:
+            built["teacher_hours_text"] = f"{hours(teacher['teacher_seconds'])} on {', '.join(teacher['devices'])}"
+        console.print(plan_table(data["plan"], built))
+    if ledger:
+        from cli.student_cmds import print_ledger
+
+        print_ledger(ledger["runs"], ledger)
 
 
 @app.command("verify")

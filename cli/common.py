@@ -17,8 +17,9 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def load_toml(path: Path | None, section: str | None = None) -> dict:
-    """Options from a TOML file (optionally one [section] of it); plain data, never evaluated."""
+def load_toml(path: Path | None, section: str | tuple[str, ...] | None = None) -> dict:
+    """Options from a TOML file: its [section] table (several sections: their tables merged in
+    order), or its top level when it has none of them; plain data, never evaluated."""
     if path is None:
         return {}
     try:
@@ -27,8 +28,10 @@ def load_toml(path: Path | None, section: str | None = None) -> dict:
         raise G2LError(f"config file {path} does not exist.") from None
     except tomllib.TOMLDecodeError as exc:
         raise G2LError(f"config file {path} is not valid TOML: {exc}.") from None
-    if section and section in data and isinstance(data[section], dict):
-        data = data[section]
+    sections = [section] if isinstance(section, str) else list(section or [])
+    tables = [data[s] for s in sections if isinstance(data.get(s), dict)]
+    if tables:
+        data = {k: v for table in tables for k, v in table.items()}
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

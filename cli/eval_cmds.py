@@ -59,29 +59,33 @@ def compare(embeddings: list[Path] = typer.Argument(..., help="Files written by 
     from g2l_student.evaluation.compare import compare as run_compare
 
     metrics = run_compare([str(e) for e in embeddings], out, k, bootstrap, seed, map_method, apd_iterations)
-    shown = ("knn_balanced_accuracy", "linear_balanced_accuracy", "linear_auroc", "ri", "mari", "apd", "ri_ratio")
+    groups = {"classification": ("knn_balanced_accuracy", "linear_balanced_accuracy", "linear_auroc"),
+              "robustness to centres": ("ri", "mari", "apd", "ri_ratio"), "similarity": ("_vs_",)}
+    labels = {"knn_balanced_accuracy": "kNN bal.acc", "linear_balanced_accuracy": "lin bal.acc",
+              "linear_auroc": "lin AUROC", "ri": "RI", "mari": "MaRI", "apd": "APD", "ri_ratio": "RI ratio"}
     for task in metrics["task"].unique(maintain_order=True).to_list():
         m = metrics.filter(pl.col("task") == task)
-        table = Table(title=f"g2l eval: {task}")
-        table.add_column("model")
-        cols = [(name, kk) for name, kk in m.select("metric", "k").unique(maintain_order=True).rows()
-                if name in shown or "_vs_" in name]
-        cols = list(dict.fromkeys((n, kk if n == "ri_ratio" else None) for n, kk in cols))
-        labels = {"knn_balanced_accuracy": "kNN bal.acc", "linear_balanced_accuracy": "lin bal.acc",
-                  "linear_auroc": "lin AUROC", "ri": "RI", "mari": "MaRI", "apd": "APD", "ri_ratio": "RI ratio"}
-        for name, kk in cols:
-            label = labels.get(name, name.replace("cka_debiased_vs_", "dCKA vs ").replace("cka_vs_", "CKA vs ")
-                               .replace("knn10_overlap_vs_", "10-NN overlap vs "))
-            table.add_column(label + (f" k{kk}" if kk else ""), justify="right")
-        for model in m["model"].unique(maintain_order=True).to_list():
-            cells = []
+        for group, names in groups.items():  # one narrow table per group: readable in 80 columns
+            cols = [(name, kk) for name, kk in m.select("metric", "k").unique(maintain_order=True).rows()
+                    if name in names or (names == ("_vs_",) and "_vs_" in name)]
+            cols = list(dict.fromkeys((n, kk if n == "ri_ratio" else None) for n, kk in cols))
+            if not cols:
+                continue
+            table = Table(title=f"g2l eval {task}: {group}")
+            table.add_column("model")
             for name, kk in cols:
-                r = m.filter((pl.col("model") == model) & (pl.col("metric") == name))
-                if kk is not None:
-                    r = r.filter(pl.col("k") == kk)
-                cells.append(f"{r['value'][0]:.3f}" if r.height else "")
-            table.add_row(model, *cells)
-        console.print(table)
+                label = labels.get(name, name.replace("cka_debiased_vs_", "dCKA vs ").replace("cka_vs_", "CKA vs ")
+                                   .replace("knn10_overlap_vs_", "10-NN vs "))
+                table.add_column(label + (f" k{kk}" if kk else ""), justify="right")
+            for model in m["model"].unique(maintain_order=True).to_list():
+                cells = []
+                for name, kk in cols:
+                    r = m.filter((pl.col("model") == model) & (pl.col("metric") == name))
+                    if kk is not None:
+                        r = r.filter(pl.col("k") == kk)
+                    cells.append(f"{r['value'][0]:.3f}" if r.height else "")
+                table.add_row(model, *cells)
+            console.print(table)
     console.print(f"report: {Path(out) / 'report.md'}  metrics: {Path(out) / 'metrics.csv'}")
 
 

@@ -45,7 +45,10 @@ def option_parameters(cls) -> list[inspect.Parameter]:
                 annotation = Optional[bool]
             else:
                 decls = [flag] + ([meta["short"]] if meta["short"] else [])
-                annotation = Optional[str] if meta["kind"] == "triple" or base is list else Optional[base]
+                if meta["kind"] == "repeat":
+                    annotation = Optional[list[str]]
+                else:
+                    annotation = Optional[str] if meta["kind"] == "triple" or base is list else Optional[base]
             info = typer.Option(None, *decls, help=text, show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                         annotation=annotation))
@@ -81,15 +84,19 @@ def parse_set(items: list[str] | None, section: str) -> dict:
     return out
 
 
-def given_values(cls, kwargs: dict, section: str, config: Path | None, sets: list[str] | None) -> dict:
-    """Defaults left to the dataclass; the TOML file, then --set, then the options given on top."""
-    values = {**load_toml(config, section), **parse_set(sets, section)}
+def given_values(cls, kwargs: dict, section: str, config: Path | None, sets: list[str] | None,
+                 also_reads: tuple[str, ...] = ()) -> dict:
+    """Defaults left to the dataclass; the TOML file (tables `also_reads`, then `section`), then
+    --set, then the options given on top."""
+    values = {**load_toml(config, (*also_reads, section)), **parse_set(sets, section)}
     kinds = {f.name: f.metadata["kind"] for f in option_fields(cls)}
     for name, value in kwargs.items():
-        if value is None or (kinds.get(name) == "arguments" and not value):
+        if value is None or (kinds.get(name) in ("arguments", "repeat") and not value):
             continue
         if kinds.get(name) == "triple":
             value = _triple(value, "--" + name.replace("_", "-"))
+        elif kinds.get(name) == "repeat":
+            value = [str(v) for v in value]
         elif kinds.get(name) in ("argument", "arguments"):
             value = [str(v) for v in value] if isinstance(value, list) else str(value)
         elif isinstance(value, Path):
@@ -98,13 +105,16 @@ def given_values(cls, kwargs: dict, section: str, config: Path | None, sets: lis
     return values
 
 
-def config_command(cls, section: str, run: Callable[[dict], None], doc: str) -> Callable:
+def config_command(cls, section: str, run: Callable[[dict], None], doc: str,
+                   also_reads: tuple[str, ...] = ()) -> Callable:
     """A typer command whose options are `cls`'s fields plus --config and --set; it calls
-    run(values) with the merged values the user gave (defaults stay the dataclass's)."""
+    run(values) with the merged values the user gave (defaults stay the dataclass's). `also_reads`:
+    other TOML tables the command takes options from first (`cache plan` reads [build])."""
     extra = [
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                           default=typer.Option(None, "--config", help=f"TOML file with any of these options, "
-                                               f"as keys of a [{section}] table or at the top level.")),
+                                               f"as keys of a {' / '.join(f'[{t}]' for t in (*also_reads, section))} "
+                                               "table or at the top level.")),
         inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
                           default=typer.Option(None, "--set", help=f"KEY=VALUE or {section}.KEY=VALUE "
                                                "(repeatable): one option as a TOML value, over --config.")),
@@ -112,7 +122,7 @@ def config_command(cls, section: str, run: Callable[[dict], None], doc: str) -> 
 
     def command(**kwargs) -> None:
         config, sets = kwargs.pop("config"), kwargs.pop("set_")
-        run(given_values(cls, kwargs, section, config, sets))
+        run(given_values(cls, kwargs, section, config, sets, also_reads))
 
     command.__signature__ = inspect.Signature(option_parameters(cls) + extra)
     command.__doc__ = doc
@@ -123,15 +133,20 @@ def options_document() -> str:
     """docs/options.md: every option of `g2l cache build` and `g2l student fit`, from the configs."""
     from g2l_cache.build import BuildConfig
     from g2l_cache.options import options_markdown
+    from g2l_cache.plan import PlanConfig
     from g2l_student.config import FitConfig
 
     return "\n".join([
         "# Options", "",
         "Generated from the config dataclasses (`python -m cli.options > docs/options.md`); a test fails",
-        "when this file is stale. Every option is also a key of a `--config` TOML file (in a `[build]` or",
-        "`[fit]` table, or at the top level) and can be set with `--set KEY=VALUE`; values given on the",
-        "command line win over `--set`, which wins over the file, which wins over the defaults.", "",
+        "when this file is stale. Every option is also a key of a `--config` TOML file (in a `[build]`,",
+        "`[plan]` or `[fit]` table, or at the top level) and can be set with `--set KEY=VALUE`; values given",
+        "on the command line win over `--set`, which wins over the file, which wins over the defaults.", "",
         options_markdown(BuildConfig, "g2l cache build"),
+        "## g2l cache plan", "",
+        "Every option of `g2l cache build` (the same settings give the same tiles), plus the costing:", "",
+        options_markdown(PlanConfig, "g2l cache plan", only=set(PlanConfig.__dataclass_fields__)
+                         - set(BuildConfig.__dataclass_fields__)).split("\n", 2)[2],
         options_markdown(FitConfig, "g2l student fit"),
     ])
 

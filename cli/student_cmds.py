@@ -58,28 +58,59 @@ def _print_fidelity(data: dict) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     before, after = data.get("before", {}), data.get("after", {})
-    for key in FIDELITY_ROWS:
+    # several teachers: every key but "views" is "LABEL:metric"
+    labels = list(dict.fromkeys(k.split(":")[0] for k in {**before, **after} if ":" in k))
+    keys = [f"{label}:{k}" for label in labels for k in FIDELITY_ROWS if k != "views"] + ["views"] \
+        if labels else FIDELITY_ROWS
+    for key in keys:
         fmt = lambda d: "-" if d.get(key) is None else (str(d[key]) if key == "views" else f"{d[key]:.4f}")  # noqa: E731
-        table.add_row(key.replace("_", " ", 1), fmt(before), fmt(after))
+        table.add_row(key if ":" in key else key.replace("_", " ", 1), fmt(before), fmt(after))
     console.print(table)
 
 
 @app.command("export")
 @handle_errors
 def export(run: Path = typer.Argument(..., help="Run folder."),
-           checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the last).")) -> None:
-    """Write RUN/export/: student.safetensors + config.json for plain timm, and head.safetensors."""
+           checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the last)."),
+           evaluation: Optional[list[Path]] = typer.Option(None, help="A `g2l eval compare` report folder "
+                                                           "that embedded this export (repeatable): its rows "
+                                                           "go into the model card.")) -> None:
+    """Write RUN/export/: student.safetensors + config.json for plain timm, head.safetensors, and the
+    model card README.md (teachers, data, recipe, fidelity, evaluation rows, cost ledger)."""
     from g2l_student.export import export_run
 
-    out = export_run(run, checkpoint)
-    console.print(f"exported to {out}")
-    console.print((out / "LOAD.md").read_text())
+    out = export_run(run, checkpoint, evaluation or [])
+    console.print(f"exported to {out} (model card: {out / 'README.md'})", markup=False)
+    console.print((out / "LOAD.md").read_text(), markup=False, soft_wrap=True)  # paths stay copyable
 
 
 @app.command("report")
 @handle_errors
 def report(run: Path = typer.Argument(..., help="Run folder.")) -> None:
-    """Fidelity on the validation slides: cosine, centred R², linear and debiased CKA, 10-NN overlap, before and after."""
+    """Fidelity on the validation slides (cosine, centred R², linear and debiased CKA, 10-NN overlap,
+    before and after) and the cost ledger: the fit's time and the teacher inference it reused."""
     from g2l_student.export import fidelity_report
+    from g2l_student.ledger import run_ledger
 
     _print_fidelity(fidelity_report(run))
+    print_ledger([run_ledger(run)])
+
+
+def print_ledger(runs: list[dict], paid: dict | None = None) -> None:
+    """One row per run: its fit time, and the teacher inference it reused from its cache."""
+    from g2l_student.ledger import hours
+
+    table = Table(title="cost ledger")
+    for column in ("run", "fit (device time)", "views trained", "teacher inference reused",
+                   "online, the same views would run the teacher"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for r in runs:
+        table.add_row(Path(r["run"]).name, f"{hours(r['fit_device_seconds'])} on {', '.join(r['fit_devices']) or '-'}",
+                      str(r["views_trained"]), hours(r["teacher_seconds_reused"]),
+                      hours(r["online_equivalent_seconds"]))
+    console.print(table)
+    if paid is not None:
+        console.print(f"teacher inference paid once: {hours(paid['teacher_seconds_paid'])}; reused by "
+                      f"{len(runs)} fit(s): {hours(paid['teacher_seconds_reused'])} in all; online distillation "
+                      f"of the same views would have run the teacher for {hours(paid['online_equivalent_seconds'])}.",
+                      markup=False)

@@ -241,13 +241,21 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     try:
         with progress:
             records = _plan_slides(cfg, layout, my_specs, writers, n_shards, progress, failed)
+            embed_started = time.time()
             written = _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, clock)
+            embed_seconds = time.time() - embed_started
     finally:
         writers.close()
+    # the cost ledger: teacher time summed over processes (device-seconds), paid once per view
+    spent_ms = dist.all_sum(int(embed_seconds * 1000))
+    written = dist.all_sum(written)
+    teacher_pass = {"finished": now_iso(), "device_seconds": spent_ms / 1000,
+                    "wall_seconds": embed_seconds, "processes": dist.world_size,
+                    "device": device_label(dist.device), "views": written} if written else None
     dist.barrier()
     if dist.is_main:
-        finalise_cache(layout, specs, teacher.info(), dist.world_size)
-    written = dist.all_sum(written)  # a collective: rank 0 reaches it once the manifest is written
+        finalise_cache(layout, specs, teacher.info(), dist.world_size, teacher_pass)
+    dist.barrier()  # the other ranks read the manifest rank 0 has just written
     manifest = read_manifest(layout.root)
     counts = manifest["counts"]
     all_failed = {s["slide_id"]: s["error"] for s in _failed_slides(layout)}
@@ -255,6 +263,15 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
                         all_failed, counts["tiles"], counts["views"], written,
                         time.time() - started, my_shards, clock.steady_rate(), clock.waited,
                         clock.wait_share())
+
+
+def device_label(device: torch.device) -> str:
+    """What a cost ran on, for the ledger: the GPU's name, or the CPU and its cores."""
+    import os
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def _failed_slides(layout: CacheLayout) -> list[dict]:
@@ -290,6 +307,7 @@ def _plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> lis
         rec = writers[shard_of(spec.slide_id, n_shards)].record(spec.slide_id)
         if rec is not None and rec["status"] == "ok" and rec["path"] == spec.path:
             records[spec.slide_id] = rec
+            progress.slide_planned(spec.slide_id)
         else:
             todo.append(spec)
     if todo:
@@ -301,6 +319,7 @@ def _plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> lis
             rec = writers[shard].plan_slide(rec, *(tables or (None, None)))
             if rec["status"] == "ok":
                 records[rec["slide_id"]] = rec
+                progress.slide_planned(rec["slide_id"])
             else:
                 failed[rec["slide_id"]] = rec["error"]
                 progress.slide_done(rec["slide_id"], ok=False, error=rec["error"])
@@ -420,16 +439,18 @@ def existing_cache_options(out: str | Path) -> dict:
     return values
 
 
-def config_from_dict(values: dict) -> BuildConfig:
-    """A BuildConfig from a plain mapping (TOML file + CLI options); unknown keys are an error.
+def config_from_dict(values: dict, cls: type = BuildConfig) -> BuildConfig:
+    """A BuildConfig (or `cls`, e.g. PlanConfig) from a plain mapping (TOML file + CLI options);
+    unknown keys are an error.
 
     Options left out take the existing cache's tiling/view settings when `out` is a cache, so
     resuming or adding a teacher needs neither the slides nor those options again."""
-    known = set(BuildConfig.__dataclass_fields__)
+    known = set(cls.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
-        raise G2LError(f"unknown build option(s) {', '.join(unknown)}; see `g2l cache build --help`.")
+        command = "plan" if cls is not BuildConfig else "build"
+        raise G2LError(f"unknown {command} option(s) {', '.join(unknown)}; see `g2l cache {command} --help`.")
     for required in ("out", "teacher"):
         if not values.get(required):
             raise G2LError(f"--{required} is required (on the command line or in --config).")
-    return BuildConfig(**{**existing_cache_options(values["out"]), **values})
+    return cls(**{**existing_cache_options(values["out"]), **values})

@@ -60,14 +60,18 @@ def _add_columns(table: pa.Table, schema: pa.Schema, columns: dict[str, np.ndarr
 
 
 def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: dict,
-                   world_size: int) -> dict:
-    """Write slides/tiles/views Parquet, the index and the manifest's counts, teachers and shards."""
+                   world_size: int, teacher_pass: dict | None = None) -> dict:
+    """Write slides/tiles/views Parquet, the index and the manifest's counts, teachers and shards;
+    `teacher_pass` (time, device, views of this build's teacher work) is added to the teacher's ledger."""
     manifest = read_manifest(layout.root)
     k_views = manifest["settings"]["views"]["per_tile"]
     teachers = dict(manifest["teachers"])
     known_teacher = teacher_info["fingerprint"] in teachers
     teachers[teacher_info["fingerprint"]] = {**teachers.get(teacher_info["fingerprint"], {}),
                                              **teacher_info}
+    if teacher_pass is not None:
+        entry = teachers[teacher_info["fingerprint"]]
+        entry["ledger"] = [*entry.get("ledger", []), teacher_pass]
     inputs = {s["slide_id"]: s for s in manifest.get("slide_inputs", [])}
     inputs.update({s.slide_id: {"slide_id": s.slide_id, "path": s.path,
                                 "mpp_override": s.mpp_override} for s in specs})

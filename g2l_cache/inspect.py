@@ -11,11 +11,27 @@ import numpy as np
 import torch
 
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
+from g2l_cache.plan import read_plan
 from g2l_cache.reader import CacheReader
 from g2l_cache.store import (CRC_BYTES, CorruptValue, bits_from_bytes, close_env, done_key, get_value,
                              index_path, iter_prefix, shared_env, target_row_bytes, unpack)
 
 READ_BLOCK = 1 << 24  # bytes per read while checking data files
+
+
+def teacher_seconds(teacher: dict) -> float:
+    """Device-seconds the teacher's targets in this cache cost, over every build that wrote them."""
+    return float(sum(p["device_seconds"] for p in teacher.get("ledger", [])))
+
+
+def _mean_tile_bytes(layout: CacheLayout) -> float | None:
+    """Mean stored bytes of a tile (the tile table's `length` column)."""
+    import pyarrow.parquet as pq
+
+    if not layout.tiles.exists():
+        return None
+    lengths = pq.read_table(layout.tiles, columns=["length"]).column(0).to_numpy()
+    return float(lengths.mean()) if len(lengths) else None
 
 
 def cache_info(root: str) -> dict:
@@ -29,7 +45,9 @@ def cache_info(root: str) -> dict:
     teachers = {fp: {"name": t["spec"]["name"], "embed_dim": t["embed_dim"],
                      "patch_dim": t["patch_dim"], "targets": t.get("n_targets", 0),
                      "complete": t.get("complete", False),
-                     "missing_slides": len(t.get("missing_slides", []))}
+                     "missing_slides": len(t.get("missing_slides", [])),
+                     "teacher_seconds": teacher_seconds(t),
+                     "devices": sorted({p["device"] for p in t.get("ledger", [])})}
                 for fp, t in manifest["teachers"].items()}
     return {"cache": str(layout.root), "status": manifest.get("status"),
             "schema_version": manifest["schema_version"],
@@ -37,7 +55,8 @@ def cache_info(root: str) -> dict:
             "tiles": counts.get("tiles", 0), "views": views, "teachers": teachers,
             "n_shards": manifest["n_shards"], "bytes_on_disk": total, "bytes_in_shards": shard_bytes,
             "bytes_per_view": (shard_bytes / views) if views else None,
-            "settings": manifest["settings"]}
+            "bytes_per_tile": _mean_tile_bytes(layout),
+            "settings": manifest["settings"], "plan": read_plan(layout.root)}
 
 
 def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cpu",

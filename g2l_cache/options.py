@@ -16,8 +16,8 @@ def option(default: Any = _MISSING, *, help: str, group: str, default_factory: C
            short: str | None = None, kind: str | None = None, default_text: str | None = None) -> Any:
     """A config field that is also an option. `help` says what it does (not its default, which is
     shown from the field); `group` orders --help and the docs; `kind`: "triple" (R,G,B text),
-    "argument" / "arguments" (the command's positional argument(s)); `default_text`: how to show a
-    computed default."""
+    "argument" / "arguments" (the command's positional argument(s)), "repeat" (an option given once
+    per value); `default_text`: how to show a computed default."""
     meta = {"help": help, "group": group, "short": short, "kind": kind, "default_text": default_text}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -44,11 +44,14 @@ def flag_name(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
-def options_markdown(cls, title: str) -> str:
-    """A Markdown table per group of the options of `cls` (docs/options.md is made of these)."""
+def options_markdown(cls, title: str, only: set[str] | None = None) -> str:
+    """A Markdown table per group of the options of `cls` (or those named in `only`); docs/options.md
+    is made of these."""
     lines = [f"## {title}", ""]
     groups: dict[str, list[dataclasses.Field]] = {}
     for f in option_fields(cls):
+        if only is not None and f.name not in only:
+            continue
         groups.setdefault(f.metadata["group"], []).append(f)
     for group, members in groups.items():
         lines += [f"### {group}", "", "| option | TOML key | default | what it does |", "|---|---|---|---|"]

@@ -50,6 +50,9 @@ class BuildProgress:
         if self.progress:
             self.progress.update(self.slides, rate=f"ok {self.ok} failed {self.failed}")
 
+    def slide_planned(self, slide_id: str) -> None:
+        """A slide's tiles are chosen; the build counts a slide once its views are embedded."""
+
     def start_views(self, total: int) -> None:
         if self.progress:
             self.progress.update(self.views, total=total)
@@ -62,3 +65,33 @@ class BuildProgress:
             speed = task.speed
             rate = f"{speed:.1f} views/s ({speed / self.views_per_tile:.1f} tiles/s)" if speed else ""
             self.progress.update(self.views, rate=rate)
+
+
+class PlanProgress:
+    """One bar for `g2l cache plan`: slides whose tissue has been detected (ok/failed)."""
+
+    def __init__(self, enabled: bool, n_slides: int, console: Console | None = None):
+        self.ok = self.failed = 0
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console or Console(stderr=True), disable=not enabled)
+        self.slides = self.progress.add_task("slides planned", total=n_slides, rate="")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def slide_planned(self, slide_id: str) -> None:
+        self.ok += 1
+        self._advance()
+
+    def slide_done(self, slide_id: str, ok: bool, skipped: bool = False, error: str | None = None) -> None:
+        if not ok:  # the plan phase reports failures only; ok slides come through slide_planned
+            self.failed += 1
+            self._advance()
+
+    def _advance(self) -> None:
+        self.progress.update(self.slides, advance=1, rate=f"ok {self.ok} failed {self.failed}")

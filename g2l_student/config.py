@@ -44,8 +44,13 @@ class FitConfig:
                             help="'targets': the heads' BatchNorm starts at the training targets' "
                             "per-dimension mean and sd; 'default': torch's 0/1.")
     # -- data
-    teacher: str | None = option(None, group="data", default_text="the first complete one",
-                                 help="Which of the cache's teachers (fingerprint or name).")
+    teacher: list[str] = option(default_factory=list, group="data", kind="repeat",
+                                default_text="the first complete one",
+                                help="Which of the cache's teachers (fingerprint or name); repeat it to "
+                                "distil several into one student, a projection head per teacher.")
+    teacher_weight: list[str] = option(default_factory=list, group="data", kind="repeat",
+                                       help="NAME=W: loss weight of one of several teachers (repeatable; "
+                                       "default 1 each).")
     val_fraction: float = option(0.1, group="data", help="Share of patients (TCGA barcodes or --patient-of), "
                                  "else of slides, held out for validation.")
     patient_of: str | None = option(None, group="data", help="CSV with slide_id,patient_id: a patient's "
@@ -55,10 +60,11 @@ class FitConfig:
     slides: str | None = option(None, group="data", help="Only these slides: text file of ids or CSV with slide_id.")
     where: str | None = option(None, group="data", help="SQL condition on view/tile/slide columns, e.g. "
                                "\"slide_id LIKE '%centre-a%'\".")
-    online_teacher: str | None = option(None, group="data",
-                                        help="Compute targets live with this teacher (a check, or with "
-                                        "--fresh-views the online baseline).")
-    online_teacher_weights: str | None = option(None, group="data", help="Weights for --online-teacher.")
+    online_teacher: list[str] = option(default_factory=list, group="data", kind="repeat",
+                                       help="Compute targets live with this teacher (a check, or with "
+                                       "--fresh-views the online baseline); repeat it for several.")
+    online_teacher_weights: str | None = option(None, group="data",
+                                                help="Weights for a single --online-teacher.")
     online_random_init: bool = option(False, group="data", help="Random weights for --online-teacher.")
     fresh_views: bool = option(False, group="data",
                                help="With --online-teacher: every epoch draws a new view of each training "
@@ -115,6 +121,29 @@ class FitConfig:
     progress: bool = option(True, group="run", help="Progress bar (--no-progress for logs and CI).")
 
     def __post_init__(self) -> None:
+        # a single name (TOML, Python, runs made before teachers could repeat) is a list of one
+        for name in ("teacher", "online_teacher", "teacher_weight"):
+            value = getattr(self, name)
+            setattr(self, name, [] if value is None else [value] if isinstance(value, str) else list(value))
+        if len(set(self.teacher)) != len(self.teacher) or len(set(self.online_teacher)) != len(self.online_teacher):
+            raise G2LError("a teacher is named twice; name each --teacher / --online-teacher once.")
+        if self.teacher and self.online_teacher:
+            raise G2LError("give --teacher (cached targets) or --online-teacher (live), not both.")
+        if self.online_teacher_weights and len(self.online_teacher) > 1:
+            raise G2LError("--online-teacher-weights applies to a single --online-teacher; with several, "
+                           "use teachers the cache holds (their recorded weights are used).")
+        named = self.teacher or self.online_teacher
+        for item in self.teacher_weight:
+            key, sep, value = item.partition("=")
+            try:
+                ok = bool(sep) and float(value) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise G2LError(f"--teacher-weight takes NAME=W with W >= 0, got {item!r}.")
+            if key not in named:
+                raise G2LError(f"--teacher-weight {item!r} names no --teacher / --online-teacher "
+                               f"({', '.join(named) or 'none given'}).")
         if self.loss not in LOSSES:
             raise G2LError(f"--loss must be one of {', '.join(LOSSES)}.")
         if self.target not in TARGETS:
@@ -154,6 +183,11 @@ class FitConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def teacher_weights(self) -> dict[str, float]:
+        """Loss weight of each named teacher (1 unless --teacher-weight says otherwise)."""
+        given = {k: float(v) for k, _, v in (w.partition("=") for w in self.teacher_weight)}
+        return {name: given.get(name, 1.0) for name in self.teacher or self.online_teacher}
 
     def check_resumable(self, saved: dict) -> None:
         """Refuse to resume with options that differ from the run's config.toml (`saved`)."""

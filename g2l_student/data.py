@@ -150,20 +150,22 @@ class CachedViews(Dataset):
     """Item i: (the [0, 1] view i of the cache as the teacher saw it, embedding target, patch target).
 
     Items are rows of views.parquet; nothing is stored per view here (the reader's index is a
-    shared memory map), so DataLoader workers cost no memory per view."""
+    shared memory map), so DataLoader workers cost no memory per view. With several teachers
+    (`teacher_fp` a list) their targets are concatenated in that order."""
 
-    def __init__(self, reader: CacheReader, teacher_fp: str | None):
+    def __init__(self, reader: CacheReader, teacher_fp: str | list[str] | None):
         self.reader = reader
-        self.teacher_fp = teacher_fp
+        self.teacher_fps = [teacher_fp] if isinstance(teacher_fp, str) else list(teacher_fp or [])
 
     def __len__(self) -> int:
         return self.reader.n_views
 
     def __getitem__(self, i: int):
         view = self.reader.replay(i)
-        if self.teacher_fp is None:
+        if not self.teacher_fps:
             return view, torch.zeros(0), torch.zeros(0)
-        emb, patch = self.reader.target(self.teacher_fp, i)
+        pairs = [self.reader.target(fp, i) for fp in self.teacher_fps]
+        emb, patch = (np.concatenate(x) if len(x) > 1 else x[0] for x in zip(*pairs))
         return view, torch.from_numpy(emb.astype(np.float32)), torch.from_numpy(patch.astype(np.float32))
 
 

@@ -40,8 +40,14 @@ def cache_mpp(cache: str) -> float | None:
         return None
 
 
-def export_run(run_root: str | Path, checkpoint: str | Path | None = None) -> Path:
-    """Write RUN/export/: student.safetensors + config.json (timm) and head.safetensors."""
+def export_run(run_root: str | Path, checkpoint: str | Path | None = None,
+               evaluations: list[str | Path] = ()) -> Path:
+    """Write RUN/export/: student.safetensors + config.json (timm), head.safetensors, LOAD.md and the
+    model card README.md (with the rows of the `g2l eval compare` report folders in `evaluations`
+    that embedded this export)."""
+    from g2l_student.evaluation.embedder import student_fingerprint
+    from g2l_student.model_card import evaluation_rows, render_card
+
     import timm
     from safetensors.torch import save_file
 
@@ -70,8 +76,9 @@ def export_run(run_root: str | Path, checkpoint: str | Path | None = None) -> Pa
                            "interpolation": "bicubic", "crop_pct": 1.0},
         "g2l": {"checkpoint": ckpt.name, "cache": info["cache"], "mpp": cache_mpp(info["cache"]),
                 "cache_fingerprint": info["cache_fingerprint"], "target": cfg.target,
-                "loss": cfg.loss, "head": "head.safetensors: Linear + BatchNorm1d per target "
-                "(keys 'cls.*', 'mean-patch.*')"},
+                "loss": cfg.loss, "teachers": info.get("teachers", []),
+                "head": "head.safetensors: Linear + BatchNorm1d per target (keys 'cls.*', 'mean-patch.*'; "
+                "with several teachers 'LABEL:cls.*', 'LABEL:mean-patch.*')"},
     }
     (run.export / "config.json").write_text(json.dumps(config, indent=2))
     (run.export / "LOAD.md").write_text(
@@ -79,6 +86,8 @@ def export_run(run_root: str | Path, checkpoint: str | Path | None = None) -> Pa
         + LOAD_SNIPPET.format(arch=cfg.student, img_size=cfg.img_size,
                               file=str((run.export / "student.safetensors").resolve()))
         + "```\n")
+    rows = evaluation_rows(list(evaluations), student_fingerprint(run.export)) if evaluations else None
+    (run.export / "README.md").write_text(render_card(run.root, config, rows))
     return run.export
 
 
@@ -100,22 +109,23 @@ def recompute_fidelity(run: RunDir) -> dict:
     from g2l_student.data import CachedViews
     from g2l_student.fidelity import measure_fidelity
     from g2l_student.model import build_student
-    from g2l_student.task import head_dims
-    from g2l_student.train import fidelity_views, load_fit_data
+    from g2l_student.targets import head_targets
+    from g2l_student.train import cached_slots, fidelity_views, load_fit_data
 
     cfg = FitConfig.from_dict(run.read_config())
     ckpt = run.last_checkpoint()
     if ckpt is None:
         raise G2LError(f"{run.root} has no checkpoint yet; nothing to report.")
     data = load_fit_data(cfg)
-    if data.teacher is None:
+    if not data.teachers:
         raise G2LError(f"{run.root} was trained against a live teacher with no cached targets; its "
                        "fidelity.json holds the report measured at the end of the fit.")
-    dims = head_dims(cfg.target, data.teacher["embed_dim"], data.teacher["patch_dim"])
+    slots = cached_slots(cfg, data)
+    dims = {k: h.stop - h.start for k, h in head_targets(cfg.target, slots).items()}
     student = build_student(cfg.student, cfg.img_size, dims, random_init=True, mean=cfg.student_mean,
                             std=cfg.student_std)
     student.load_state_dict(_checkpoint_weights(ckpt))
     views, split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
-    dataset = Subset(CachedViews(data.reader, data.teacher["fingerprint"]), views.tolist())
-    after = measure_fidelity(student, dataset, torch.device("cpu"))
+    dataset = Subset(CachedViews(data.reader, data.fingerprints), views.tolist())
+    after = measure_fidelity(student, dataset, torch.device("cpu"), slots=slots)
     return {"split": split, "after": after, "after_checkpoint": ckpt.name}

@@ -78,7 +78,7 @@ class Student(nn.Module):
         self.embed_dim, self.patch_dim = cls.shape[1], patch.shape[1]
         # Only heads whose target is trained: an unused head would stall DDP's gradient reduction.
         in_dims = {"cls": self.embed_dim, "mean-patch": self.patch_dim}
-        self.heads = nn.ModuleDict({k: projection_head(in_dims[k], d) for k, d in head_dims.items()})
+        self.heads = nn.ModuleDict({k: projection_head(in_dims[head_kind(k)], d) for k, d in head_dims.items()})
 
     def preprocess(self, views: torch.Tensor) -> torch.Tensor:
         x = (views - self.mean) / self.std
@@ -99,7 +99,12 @@ class Student(nn.Module):
         """Projected output per trained target kind, plus the raw backbone embedding."""
         cls, patch = self.embed(views)
         inputs = {"cls": cls, "mean-patch": patch}
-        return {"embedding": cls, **{k: head(inputs[k]) for k, head in self.heads.items()}}
+        return {"embedding": cls, **{k: head(inputs[head_kind(k)]) for k, head in self.heads.items()}}
+
+
+def head_kind(name: str) -> str:
+    """What a head projects: "cls" or "mean-patch" ("LABEL:cls" with several teachers)."""
+    return name.rsplit(":", 1)[-1]
 
 
 @torch.no_grad()
@@ -120,7 +125,8 @@ def init_heads_from_targets(student: Student, targets: dict[str, torch.Tensor]) 
 def build_student(arch: str, img_size: int, head_dims: dict[str, int], weights: str | None = None,
                   random_init: bool = False, head_weights: str | None = None,
                   mean: list[float] | None = None, std: list[float] | None = None) -> Student:
-    """Create the student backbone (timm) and one head per target kind in `head_dims`.
+    """Create the student backbone (timm) and one head per entry of `head_dims` (name -> output size;
+    "cls" / "mean-patch", or "LABEL:cls" / "LABEL:mean-patch" per teacher).
 
     `weights`: a timm-layout weights file, or a transformers DINOv2 checkpoint (folder, its weights
     file, or hub id such as histai/hibou-L) mapped onto the timm ViT. Mean/std: `mean`/`std` if

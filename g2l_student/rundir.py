@@ -20,11 +20,25 @@ VAL_COLUMNS = ["val_projected_cosine", "val_projected_r2", "val_projected_cka_de
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "data_seconds", *VAL_COLUMNS]
 
 
-def cache_fingerprint(manifest: dict, teacher_fp: str | None) -> str:
-    """What the run depends on in the cache: settings, the teacher's targets (None: a live teacher
+def metric_columns(teachers: list[str]) -> list[str]:
+    """metrics.csv's columns: with several teachers, each one's loss and held-out fidelity too."""
+    if len(teachers) < 2:
+        return METRIC_COLUMNS
+    return [*METRIC_COLUMNS[:7], *(f"loss_{t}" for t in teachers),
+            *(f"val_{t}:{c.removeprefix('val_')}" for t in teachers for c in VAL_COLUMNS)]
+
+
+def cache_fingerprint(manifest: dict, teacher_fp: str | list[str] | None) -> str:
+    """What the run depends on in the cache: settings, the teachers' targets (None: a live teacher
     reads none), and the counts."""
-    blob = json.dumps({"settings": manifest["settings"], "teacher": teacher_fp,
-                       "targets": manifest["teachers"][teacher_fp].get("n_targets") if teacher_fp else None,
+    fps = [teacher_fp] if isinstance(teacher_fp, str) else list(teacher_fp or [])
+    if len(fps) > 1:
+        teacher: object = fps
+        targets: object = [manifest["teachers"][fp].get("n_targets") for fp in fps]
+    else:  # one teacher: the same blob as before several could be distilled (old runs resume)
+        teacher = fps[0] if fps else None
+        targets = manifest["teachers"][teacher].get("n_targets") if teacher else None
+    blob = json.dumps({"settings": manifest["settings"], "teacher": teacher, "targets": targets,
                        "counts": manifest.get("counts")}, sort_keys=True)
     return hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()
 
@@ -114,17 +128,28 @@ class RunDir:
             rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= last_step]
         self._write_metrics(rows)
 
+    def metric_columns(self, default: list[str] = METRIC_COLUMNS) -> list[str]:
+        """The columns of the run's metrics.csv (its header once written, else `default`)."""
+        if self.metrics.exists():
+            with self.metrics.open(newline="") as fh:
+                header = next(csv.reader(fh), None)
+            if header:
+                return header
+        return default
+
     def _write_metrics(self, rows: list[dict]) -> None:
         buf = io.StringIO(newline="")
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(buf, fieldnames=self.metric_columns(), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         write_text_atomic(self.metrics, buf.getvalue())
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, columns: list[str] = METRIC_COLUMNS) -> None:
+        """Append one step's row; `columns` make the header of a new metrics.csv."""
         new = not self.metrics.exists()
+        columns = columns if new else self.metric_columns()
         with self.metrics.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -150,6 +175,8 @@ class RunDir:
         fig, axes = plt.subplots(1, 2 if val else 1, figsize=(11 if val else 6, 3.5), dpi=100, squeeze=False)
         ax = axes[0, 0]
         ax.plot(steps, loss, lw=0.8, label="train loss")
+        for column in [c for c in rows[0] if c.startswith("loss_")]:  # several teachers: each one's share
+            ax.plot(steps, [float(r[column]) for r in rows], lw=0.8, label=column.replace("_", " ", 1))
         if len(loss) >= 20:
             w = max(5, len(loss) // 50)
             smooth = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1])

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
 
 from g2l_cache import CacheReader, G2LError
-from g2l_cache.layout import write_text_atomic
+from g2l_cache.build import device_label
+from g2l_cache.layout import now_iso, write_text_atomic
 from g2l_cache.teachers import Teacher, TeacherSpec, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.workers import loader_worker_init
@@ -29,9 +30,10 @@ from g2l_student.data import (CachedViews, FreshViews, epoch_rows, fresh_item, w
 from g2l_student.losses import get_loss
 from g2l_student.model import Student, build_student, init_heads_from_targets
 from g2l_student.optim import build_optimizer
-from g2l_student.rundir import RunDir, cache_fingerprint
+from g2l_student.rundir import RunDir, cache_fingerprint, metric_columns
 from g2l_student.schedule import EMA, G2LEarlyStop, TrainState, cosine_with_warmup
-from g2l_student.task import build_task, head_dims
+from g2l_student.targets import HeadTarget, TeacherSlot, head_targets, select_targets, teacher_slots
+from g2l_student.task import build_task
 
 
 @dataclass
@@ -103,7 +105,7 @@ class FitData:
     """The cache, the chosen teacher's targets and the train / validation views (rows of views.parquet)."""
 
     reader: CacheReader
-    teacher: dict | None  # the cached teacher whose targets train; None: only a live teacher has them
+    teachers: list[dict]  # the cached teachers whose targets train (in order); []: only live teachers
     train: np.ndarray
     val: np.ndarray
     val_slides: list[str]
@@ -112,17 +114,25 @@ class FitData:
     def tiles_of(self, views: np.ndarray) -> np.ndarray:
         return self.reader.view_index["tile"][views]
 
+    @property
+    def fingerprints(self) -> list[str]:
+        return [t["fingerprint"] for t in self.teachers]
+
 
 def load_fit_data(cfg: FitConfig) -> FitData:
-    """Open the cache, pick the teacher, select views and split them by slide."""
+    """Open the cache, pick the teacher(s), select views and split them by slide."""
     reader = CacheReader(cfg.cache)
-    if cfg.online_teacher:  # cached targets of that teacher, if complete, only seed the heads
-        teacher = _cached_online_teacher(cfg, reader)
-        teacher = teacher if teacher is not None and teacher.get("complete") else None
+    if cfg.online_teacher:  # cached targets of those teachers, if complete, only seed the heads
+        cached = [_cached_online_teacher(cfg, reader, name) for name in cfg.online_teacher]
+        teachers = cached if all(t is not None and t.get("complete") for t in cached) else []
     else:
-        teacher = reader.teacher(cfg.teacher)
-        if not teacher.get("complete"):
-            raise G2LError(partial_cache_message(reader, teacher))
+        teachers = [reader.teacher(name) for name in cfg.teacher or [None]]
+        fps = [t["fingerprint"] for t in teachers]
+        if len(set(fps)) != len(fps):
+            raise G2LError(f"--teacher names the same cached teacher twice ({', '.join(cfg.teacher)}).")
+        for teacher in teachers:
+            if not teacher.get("complete"):
+                raise G2LError(partial_cache_message(reader, teacher))
     views = select_views(reader, cfg.slides, cfg.where)
     slide_of = view_slides(reader, views)
     names = reader.slides()["slide_id"].to_numpy()
@@ -131,7 +141,39 @@ def load_fit_data(cfg: FitConfig) -> FitData:
     train_ids, val_ids = split_by_slide(names[present].tolist(), cfg.val_fraction, cfg.seed,
                                         patients if split_by != "slide" else None)
     is_val = np.isin(slide_of, np.flatnonzero(np.isin(names, val_ids)))
-    return FitData(reader, teacher, views[~is_val], views[is_val], val_ids, split_by)
+    return FitData(reader, teachers, views[~is_val], views[is_val], val_ids, split_by)
+
+
+def teacher_records(slots: list[TeacherSlot], cached: list[dict], live: list) -> list[dict]:
+    """What run.json says of each teacher: label, name, dims, and for cached targets their
+    fingerprint and the teacher time the cache paid for them (the ledger of reuse)."""
+    from g2l_cache.inspect import teacher_seconds
+
+    out = []
+    for i, slot in enumerate(slots):
+        record = {"label": slot.label, "embed_dim": slot.embed_dim, "patch_dim": slot.patch_dim}
+        if cached:
+            t = cached[i]
+            record.update(name=t["spec"]["name"], fingerprint=t["fingerprint"], live=False,
+                          cache_device_seconds=teacher_seconds(t),
+                          cache_views=sum(p["views"] for p in t.get("ledger", [])),
+                          devices=sorted({p["device"] for p in t.get("ledger", [])}))
+        else:
+            record.update(name=live[i].preset.name, fingerprint=live[i].fingerprint(), live=True)
+        out.append(record)
+    return out
+
+
+def cached_slots(cfg: FitConfig, data: FitData) -> list[TeacherSlot]:
+    """Where each cached teacher's targets sit in a batch, labelled by the names the user gave."""
+    labels = teacher_labels(cfg.teacher or [t["spec"]["name"] for t in data.teachers])
+    return teacher_slots([(label, t["embed_dim"], t["patch_dim"]) for label, t in zip(labels, data.teachers)])
+
+
+def teacher_labels(names: list[str]) -> list[str]:
+    """Short labels for several teachers' heads and metrics: their names, made unique."""
+    slugs = ["".join(c if c.isalnum() or c in "-_" else "-" for c in n) for n in names]
+    return [s if slugs.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(slugs)]
 
 
 def partial_cache_message(reader: CacheReader, teacher: dict) -> str:
@@ -157,40 +199,56 @@ def fidelity_views(data: FitData, n_views: int, seed: int) -> tuple[np.ndarray, 
     return views, split
 
 
-def _cached_online_teacher(cfg: FitConfig, reader: CacheReader) -> dict | None:
-    """The cache's entry of the --online-teacher (by fingerprint or name), unless other weights are given."""
+def _cached_online_teacher(cfg: FitConfig, reader: CacheReader, name: str) -> dict | None:
+    """The cache's entry of an --online-teacher (by fingerprint or name), unless other weights are given."""
     if cfg.online_teacher_weights:
         return None
     return next((info for fp, info in reader.manifest["teachers"].items()
-                 if cfg.online_teacher in (fp, info["spec"]["name"])), None)
+                 if name in (fp, info["spec"]["name"])), None)
 
 
-def build_online_teacher(cfg: FitConfig, reader: CacheReader, device):
-    """The teacher to run live: the cache's recorded spec when NAME is one of its teachers."""
-    if cfg.online_teacher is None:
-        return None
-    info = _cached_online_teacher(cfg, reader)
-    if info is not None:
-        return load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"], device=device)
-    spec = TeacherSpec(cfg.online_teacher, cfg.online_teacher_weights, cfg.online_random_init, cfg.seed)
-    return load_teacher(spec, img_size=reader.policy.crop_size, device=device)
+class LiveTeachers(torch.nn.Module):
+    """Several teachers run live on the same views; targets concatenated in order, as cached ones are."""
+
+    def __init__(self, teachers: list[Teacher]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(teachers)
+        self.embed_dim = sum(t.embed_dim for t in teachers)
+        self.patch_dim = sum(t.patch_dim for t in teachers)
+
+    def embed(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [t.embed(views) for t in self.members]
+        return torch.cat([p[0] for p in pairs], dim=1), torch.cat([p[1] for p in pairs], dim=1)
 
 
-def head_target_sample(data: FitData, dims: dict[str, int], teacher=None, seed: int = 0,
+def build_online_teacher(cfg: FitConfig, reader: CacheReader, device) -> list[Teacher]:
+    """The teachers to run live: the cache's recorded spec when a NAME is one of its teachers."""
+    teachers = []
+    for name in cfg.online_teacher:
+        info = _cached_online_teacher(cfg, reader, name)
+        if info is not None:
+            teachers.append(load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"], device=device))
+        else:
+            spec = TeacherSpec(name, cfg.online_teacher_weights, cfg.online_random_init, cfg.seed)
+            teachers.append(load_teacher(spec, img_size=reader.policy.crop_size, device=device))
+    return teachers
+
+
+def head_target_sample(data: FitData, heads: dict[str, HeadTarget], teacher=None, seed: int = 0,
                        n_cached: int = 4096, n_live: int = 256) -> dict[str, torch.Tensor]:
     """A seeded sample of the training targets of each head: read from the cache, or computed by
-    the live teacher (when the cache has no targets of it) on fewer views."""
-    n = min(len(data.train), n_cached if data.teacher is not None else n_live)
+    the live teacher(s) (when the cache has no targets of them) on fewer views."""
+    n = min(len(data.train), n_cached if data.teachers else n_live)
     rows = np.sort(np.random.default_rng([seed, 11]).choice(data.train, n, replace=False))
-    if data.teacher is not None:
-        pairs = [data.reader.target(data.teacher["fingerprint"], int(r)) for r in rows]
-        emb, patch = (torch.from_numpy(np.stack(x).astype(np.float32)) for x in zip(*pairs))
+    if data.teachers:
+        items = CachedViews(data.reader, data.fingerprints)
+        emb, patch = (torch.stack(x) for x in zip(*(items[int(r)][1:] for r in rows)))
     else:
         views = torch.stack([data.reader.replay(int(r)) for r in rows])
         with torch.no_grad():
             out = [teacher.embed(views[i:i + 64]) for i in range(0, n, 64)]
         emb, patch = (torch.cat([o[j].float().cpu() for o in out]) for j in (0, 1))
-    return {k: {"cls": emb, "mean-patch": patch}[k] for k in dims}
+    return select_targets(heads, emb, patch)
 
 
 def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None = None) -> FitResult:
@@ -214,11 +272,23 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
     main = accelerator.is_main_process
     data = load_fit_data(cfg)
     set_seed(cfg.seed)
-    teacher = teacher.to(accelerator.device) if teacher is not None else \
-        build_online_teacher(cfg, data.reader, accelerator.device)
-    dims = head_dims(cfg.target, teacher.embed_dim if teacher else data.teacher["embed_dim"],
-                     teacher.patch_dim if teacher else data.teacher["patch_dim"])
-    cached_fp = data.teacher["fingerprint"] if data.teacher else None
+    if teacher is not None:  # objects given: run live, as --online-teacher
+        live = [t.to(accelerator.device) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher])]
+        names = cfg.online_teacher or [t.preset.name for t in live]
+    else:
+        live = build_online_teacher(cfg, data.reader, accelerator.device)
+        names = cfg.online_teacher
+    teacher = (live[0] if len(live) == 1 else LiveTeachers(live)) if live else None
+    if live:
+        labels = teacher_labels(names)
+        slots = teacher_slots([(label, t.embed_dim, t.patch_dim) for label, t in zip(labels, live)])
+    else:
+        slots = cached_slots(cfg, data)
+        labels = [slot.label for slot in slots]
+    heads = head_targets(cfg.target, slots)
+    dims = {k: h.stop - h.start for k, h in heads.items()}
+    weights = dict(zip(labels, cfg.teacher_weights().values())) if len(labels) > 1 else None
+    cached_fps = data.fingerprints
     built_here = student is None
     if built_here:
         student = build_student(cfg.student, cfg.img_size, dims, cfg.student_weights, cfg.random_init,
@@ -228,13 +298,13 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
                        f"and the teacher's dimensions {dims}.")
     cfg.student, cfg.img_size = student.arch, student.img_size
     if cfg.head_init == "targets" and built_here and not cfg.head_weights and not cfg.resume:
-        init_heads_from_targets(student, head_target_sample(data, dims, teacher, cfg.seed))
+        init_heads_from_targets(student, head_target_sample(data, heads, teacher, cfg.seed))
     # Recorded in config.toml and the export: the normalisation this student was trained with.
     cfg.student_mean = [round(float(v), 6) for v in student.mean.flatten()]
     cfg.student_std = [round(float(v), 6) for v in student.std.flatten()]
     # The run folder is touched only once every input has been checked.
     run = RunDir(cfg.out)
-    cache_fp = cache_fingerprint(data.reader.manifest, cached_fp)
+    cache_fp = cache_fingerprint(data.reader.manifest, cached_fps)
     error = None
     if main:
         try:
@@ -246,11 +316,18 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
         raise error
     if not run.run_json.exists():
         raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
+    session_started, session_clock = now_iso(), time.time()
+    if main:
+        train_tiles_n = len(np.unique(data.tiles_of(data.train)))
+        run.update_info(teachers=teacher_records(slots, data.teachers if not live else [], live),
+                        data={"train_slides": len(np.unique(view_slides(data.reader, data.train))),
+                              "val_slides": len(data.val_slides), "train_tiles": train_tiles_n,
+                              "train_views": int(len(data.train)), "val_views": int(len(data.val))})
     # A live teacher makes its own targets: reading cached ones would be wasted I/O.
-    train_set = FreshViews(data.reader) if cfg.fresh_views else CachedViews(data.reader, None if teacher else cached_fp)
+    train_set = FreshViews(data.reader) if cfg.fresh_views else CachedViews(data.reader, None if teacher else cached_fps)
     # Fidelity reads cached targets when the cache has them (a live teacher's own, stored as fp16),
     # so cached and online runs are measured against the same numbers; else the live teacher.
-    fid_base, live_fidelity = CachedViews(data.reader, cached_fp), cached_fp is None
+    fid_base, live_fidelity = CachedViews(data.reader, cached_fps), not cached_fps
     train_tiles = data.tiles_of(data.train)
     per_epoch = samples_per_epoch(train_tiles, "one" if cfg.fresh_views else cfg.views_per_epoch)
     batches_per_epoch = per_epoch // cfg.batch_size
@@ -269,8 +346,9 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     ema = EMA(accelerator.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay else None
     # the task holds the plain student; each step passes the prepared (DDP-wrapped) one to run
-    task = build_task(accelerator.unwrap_model(student), cfg.target,
-                      get_loss(cfg.loss, cfg.alpha, cfg.logsum_over), cfg.cls_weight, cfg.patch_weight, teacher)
+    task = build_task(accelerator.unwrap_model(student), cfg.target, get_loss(cfg.loss, cfg.alpha, cfg.logsum_over),
+                      cfg.cls_weight, cfg.patch_weight, teacher, slots, weights)
+    columns = metric_columns(labels if len(labels) > 1 else [])
     fid_views, fid_split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
     fid_set = Subset(fid_base, fid_views.tolist())
 
@@ -298,12 +376,14 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
     started, stopped, last_loss = time.time(), "steps", None
     progress = _progress(main and cfg.progress, total, state.step)
     pending: list[torch.Tensor] = []
+    pending_parts: list[dict[str, torch.Tensor]] = []  # several teachers: each one's loss
     unlogged, data_wait, clock, first_step = None, 0.0, BatchClock(), state.step
     for waited, (views, t_cls, t_patch) in timed_iter(loader):
         clock.arrived(len(views), waited)
         data_wait += waited
         with accelerator.accumulate(student):
-            loss = task.loss(views, t_cls, t_patch, model=student)
+            losses = task.head_losses(views, t_cls, t_patch, model=student)
+            loss = task.total(losses)
             accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients and cfg.grad_clip > 0:
@@ -314,14 +394,18 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
             optimizer.zero_grad()
         state.micro_batch += 1
         pending.append(loss.detach())
+        if len(labels) > 1:
+            pending_parts.append({t: v.detach() for t, v in task.per_teacher(losses).items()})
         if not accelerator.sync_gradients:
             continue
         state.step += 1
         step = {"step": state.step, "epoch": sampler.epoch_of(state.micro_batch - 1),
                 "loss": accelerator.reduce(torch.stack(pending).mean(), "mean"),
                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "seconds": time.time() - started, "data_seconds": data_wait}
-        pending, data_wait = [], 0.0
+                "seconds": time.time() - started, "data_seconds": data_wait,
+                **{f"loss_{t}": accelerator.reduce(torch.stack([p[t] for p in pending_parts]).mean(), "mean")
+                   for t in (labels if pending_parts else [])}}
+        pending, pending_parts, data_wait = [], [], 0.0
         if ema is not None:
             ema.update(accelerator.unwrap_model(student))
         if cfg.val_every and state.step % cfg.val_every == 0 and main:
@@ -332,17 +416,17 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
         to_log, unlogged = (step, None) if cfg.early_stop else (unlogged, step)
         stop = False
         if to_log is not None:
-            last_loss = _log_step(run, progress, to_log, main)
+            last_loss = _log_step(run, progress, to_log, main, columns)
             stop = cfg.early_stop == "g2l" and early_stop.update(last_loss)
         if stop or state.step % cfg.checkpoint_every == 0 or state.step == total:
             if unlogged is not None:  # a checkpoint's metrics must be on disk with it
-                last_loss, unlogged = _log_step(run, progress, unlogged, main), None
+                last_loss, unlogged = _log_step(run, progress, unlogged, main, columns), None
             _save_checkpoint(accelerator, run, state, early_stop, cfg.keep_checkpoints, ema)
         if stop:
             stopped = "early-stop"
             break
     if unlogged is not None:
-        last_loss = _log_step(run, progress, unlogged, main)
+        last_loss = _log_step(run, progress, unlogged, main, columns)
     progress.close()
     clock.finished()
 
@@ -352,7 +436,6 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
     if main:
         from g2l_student.export import export_run
 
-        export_dir = str(export_run(run.root))
         model = accelerator.unwrap_model(student)
         if ema is not None:
             model.load_state_dict({**model.state_dict(), **ema.shadow}, strict=False)
@@ -360,14 +443,19 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
         result_fidelity = {**_read_fidelity(run), "after": after, "after_step": state.step}
         _write_fidelity(run, result_fidelity)
         run.plot_loss()
-        run.update_info(status="finished", steps=state.step, stopped=stopped)
+        session = {"started": session_started, "finished": now_iso(), "wall_seconds": time.time() - session_clock,
+                   "processes": accelerator.num_processes, "device": device_label(accelerator.device),
+                   "steps": [first_step, state.step], "views": (state.step - first_step) * cfg.batch_size * cfg.grad_accum}
+        run.update_info(status="finished", steps=state.step, stopped=stopped,
+                        ledger=[*run.info().get("ledger", []), session])
+        export_dir = str(export_run(run.root))  # last: its model card reads the fidelity and the ledger
     accelerator.wait_for_everyone()
     steps_per_second = (state.step - first_step) / clock.seconds() if clock.seconds() else 0.0
     return FitResult(str(run.root), state.step, stopped, last_loss, result_fidelity, export_dir,
                      steps_per_second, clock.wait_share())
 
 
-def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:
+def _log_step(run: RunDir, progress, step: dict, main: bool, columns: list[str]) -> float:
     """Read one step's loss off the device, write its metrics row; return the loss.
 
     A non-finite loss or gradient norm stops the run here, before any checkpoint of that step is
@@ -378,7 +466,8 @@ def _log_step(run: RunDir, progress, step: dict, main: bool) -> float:
         run.log({"step": step["step"], "epoch": step["epoch"], "loss": f"{loss:.7g}",
                  "lr": f"{step['lr']:.6g}", "grad_norm": "" if grad_norm is None else f"{grad_norm:.5g}",
                  "seconds": f"{step['seconds']:.3f}", "data_seconds": f"{step['data_seconds']:.4f}",
-                 **{k: f"{v:.5g}" for k, v in step.items() if k.startswith("val_")}})
+                 **{k: f"{float(v):.5g}" for k, v in step.items() if k.startswith(("val_", "loss_"))}},
+                columns)
         progress.update(step["step"], loss)
     if not math.isfinite(loss) or grad_norm is not None and not math.isfinite(grad_norm):
         last = run.last_checkpoint()

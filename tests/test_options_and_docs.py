@@ -13,6 +13,7 @@ from cli.main import app
 from cli.options import given_values, options_document
 from g2l_cache import G2LError
 from g2l_cache.build import BuildConfig
+from g2l_cache.plan import PlanConfig
 from g2l_cache.options import option_fields, shown_default
 from g2l_student.config import FitConfig
 
@@ -32,7 +33,8 @@ def _flags(cmd: click.Command) -> set[str]:
     return {o for p in cmd.params for o in (*p.opts, *getattr(p, "secondary_opts", []))} | {"--help"}
 
 
-@pytest.mark.parametrize("cls, path", [(BuildConfig, ["cache", "build"]), (FitConfig, ["student", "fit"])])
+@pytest.mark.parametrize("cls, path", [(BuildConfig, ["cache", "build"]), (PlanConfig, ["cache", "plan"]),
+                                       (FitConfig, ["student", "fit"])])
 def test_every_config_field_is_an_option_with_help_and_its_default_written_once(cls, path):
     cmd = _command(path)
     params = {p.name: p for p in cmd.params}
@@ -130,3 +132,13 @@ def test_the_dataset_csv_recipes_in_the_evaluation_docs_load_as_tile_sets(tmp_pa
         table = load_tileset(csv).table
         assert set(table.columns) - {"path", "label"} <= set(OPTIONAL_COLUMNS), block
         assert table.height == len(block.strip().splitlines()) - 1
+
+
+def test_plan_reads_the_build_table_of_a_config_so_one_file_serves_both(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[build]\nteacher = "uni"\nviews = 8\n[plan]\ngpu = "a100"\n')
+    values = given_values(PlanConfig, {"out": "o", "views": None}, "plan", toml, ["plan.sample_tiles=9"],
+                          also_reads=("build",))
+    assert values == {"teacher": "uni", "views": 8, "gpu": "a100", "sample_tiles": 9, "out": "o"}
+    only_build = given_values(BuildConfig, {}, "build", toml, None)
+    assert only_build == {"teacher": "uni", "views": 8}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -132,9 +133,11 @@ def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int =
     names = _task_names(tasks, data_names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    all_rows, notes = [], {}
+    all_rows, notes, model_keys = [], {}, {}
     for fp, files in tasks.items():
         models = [read_embeddings(f) for f in files]
+        model_keys.update({e.path.stem: {"task": names[fp], "model": e.model, "model_fingerprint": e.model_fingerprint}
+                           for e in models})
         rows, task_notes = evaluate_task(models, k, n_boot, seed, apd_iterations)
         all_rows += [{"task": names[fp], **r} for r in rows]
         notes[names[fp]] = task_notes
@@ -145,6 +148,8 @@ def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int =
                                              "ci_low": pl.Float64, "ci_high": pl.Float64}
                            ).select(METRIC_COLUMNS)
     metrics.write_csv(out / "metrics.csv")
+    # which model each row's name stands for: a student's model card finds its own rows by this
+    (out / "models.json").write_text(json.dumps(model_keys, indent=2))
     for task in metrics["task"].unique(maintain_order=True).to_list():
         _plot_bars(metrics.filter(pl.col("task") == task), out / f"bars-{task}.png", task)
         _plot_ri_curve(metrics.filter(pl.col("task") == task), out / f"ri-curve-{task}.png", task)

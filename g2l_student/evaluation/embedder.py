@@ -41,6 +41,11 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def student_fingerprint(export: Path) -> str:
+    """What embedding files (and evaluation reports) call an exported student: its weights' digest."""
+    return f"student-{_file_digest(Path(export) / 'student.safetensors')}"
+
+
 def _student_export(model: Path) -> Path | None:
     """The export folder behind a run folder, an export folder, or its student.safetensors."""
     if model.is_file() and model.suffix == ".safetensors":
@@ -85,7 +90,7 @@ def load_embedding_model(model: str, random_init: bool = False, weights: str | N
             feats = net.forward_features((x.to(device) - mean) / std)
             return split_embedding(net, feats, "cls")[0]
 
-        fp = f"student-{_file_digest(weights_file)}-{size}"
+        fp = f"{student_fingerprint(export)}-{size}"
         return EmbeddingModel(str(export.parent.name if export.name == "export" else export.name),
                               fp, size, mpp, embed)
     if path.exists() and path.is_dir():
@@ -187,6 +192,7 @@ class Embeddings:
     data_fingerprint: str
     table: pl.DataFrame
     vectors: np.ndarray
+    model_fingerprint: str = ""
 
 
 def _open_embedding_file(path: str | Path):
@@ -234,7 +240,8 @@ def read_embeddings(path: str | Path) -> Embeddings:
     pa.default_memory_pool().release_unused()  # Arrow's allocator keeps decoded pages otherwise
     if not finite:
         raise G2LError(f"{p} holds NaN or infinite embeddings; re-embed the tiles.")
-    return Embeddings(p, meta["model"], meta["data"], meta["data_fingerprint"], table, vectors)
+    return Embeddings(p, meta["model"], meta["data"], meta["data_fingerprint"], table, vectors,
+                      meta.get("model_fingerprint", ""))
 
 
 __all__ = ["EmbeddingModel", "load_embedding_model", "embed_tileset", "read_embeddings", "load_tileset"]

@@ -192,6 +192,9 @@ class FitConfig:
     def check_resumable(self, saved: dict) -> None:
         """Refuse to resume with options that differ from the run's config.toml (`saved`)."""
         mine = self.to_dict()
+        # the run's options as this version reads them: options added since take their defaults,
+        # and a single --teacher written as a string is a list of one
+        saved = FitConfig.from_dict({**saved, "resume": False, "overwrite": False}).to_dict()
         differ = [f"--{k.replace('_', '-')} {mine[k]!r} (the run has {saved.get(k)!r})"
                   for k in mine if k not in RESUME_MAY_CHANGE and mine[k] != saved.get(k)]
         if differ:

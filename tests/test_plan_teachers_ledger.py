@@ -1,7 +1,11 @@
 """`g2l cache plan`, several teachers for one student, the cost ledger and the model card."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -81,16 +85,32 @@ def two_teacher_cache(built_cache, tmp_path_factory):
     return cache
 
 
+def _two_teacher_fit_args(cache, run) -> list[str]:
+    return ["student", "fit", str(cache), "--out", str(run), "--teacher", TEACHER, "--teacher", SECOND,
+            "--teacher-weight", f"{SECOND}=0.5", "--target", "both", "--student", "vit_tiny_patch16_224",
+            "--random-init", "--img-size", "32", "--steps", "6", "--batch-size", "8", "--val-fraction", "0.34",
+            "--num-workers", "0", "--no-progress"]
+
+
 @pytest.fixture(scope="module")
 def two_teacher_run(two_teacher_cache, tmp_path_factory):
     run = tmp_path_factory.mktemp("run2") / "run"
-    res = runner.invoke(app, ["student", "fit", str(two_teacher_cache), "--out", str(run), "--teacher", TEACHER,
-                              "--teacher", SECOND, "--teacher-weight", f"{SECOND}=0.5", "--target", "both",
-                              "--student", "vit_tiny_patch16_224", "--random-init", "--img-size", "32",
-                              "--steps", "6", "--batch-size", "8", "--val-fraction", "0.34",
-                              "--num-workers", "0", "--no-progress"])
+    res = runner.invoke(app, _two_teacher_fit_args(two_teacher_cache, run))
     assert res.exit_code == 0, res.output
     return run
+
+
+def test_two_processes_with_two_teachers_match_one_process(two_teacher_cache, two_teacher_run, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cli",
+                          *_two_teacher_fit_args(two_teacher_cache, two)], cwd=Path(__file__).parent.parent,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one_rows, two_rows = RunDir(two_teacher_run).read_metrics(), RunDir(two).read_metrics()
+    for column in ("loss", f"loss_{TEACHER}", f"loss_{SECOND}"):  # each teacher's loss averaged over ranks
+        np.testing.assert_allclose([float(r[column]) for r in two_rows], [float(r[column]) for r in one_rows],
+                                   rtol=5e-4)
 
 
 def test_two_teachers_of_different_dims_train_one_student(two_teacher_run):

@@ -377,10 +377,15 @@ def test_resume_takes_the_runs_options_refuses_others_and_unpickles_nothing(buil
     # (with the defaults instead it would fetch a ViT-L from the hub) and repeats steps 3-4 exactly
     losses = _losses(out)
     shutil.rmtree(run.last_checkpoint())
+    # a run started before teachers could repeat: no teacher lists in its config.toml
+    old = [line for line in run.config.read_text().splitlines()
+           if not line.startswith(("teacher = ", "teacher_weight = ", "online_teacher = "))]
+    run.config.write_text("\n".join(old) + "\n")
     res = CliRunner().invoke(app, ["student", "fit", "--out", str(out), "--resume", "--no-progress",
                                    "--num-workers", "0"])
     assert res.exit_code == 0, res.output
     assert [int(r["step"]) for r in run.read_metrics()] == [1, 2, 3, 4]
+    assert [s["steps"] for s in run.info()["ledger"]] == [[0, 4], [2, 4]]  # each session in the ledger
     np.testing.assert_allclose(_losses(out), losses, rtol=1e-5)
     assert first.final_loss == pytest.approx(losses[-1], rel=1e-6)
 

@@ -133,6 +133,9 @@ class FitConfig:
             raise G2LError("--online-teacher-weights applies to a single --online-teacher; with several, "
                            "use teachers the cache holds (their recorded weights are used).")
         named = self.teacher or self.online_teacher
+        if self.teacher_weight and len(named) == 1:
+            raise G2LError("--teacher-weight weighs several teachers against each other; with one teacher "
+                           "scale the learning rate instead.")
         for item in self.teacher_weight:
             key, sep, value = item.partition("=")
             try:

@@ -88,13 +88,6 @@ class EMA:
         torch._foreach_lerp_(list(self.shadow.values()),
                              [current[k].detach().float() for k in self.shadow], 1 - self.decay)
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
-
 
 class TrainState:
     """Where training is: optimiser steps done and micro-batches consumed (epochs follow from it)."""

@@ -251,11 +251,12 @@ def head_target_sample(data: FitData, heads: dict[str, HeadTarget], teacher=None
     return select_targets(heads, emb, patch)
 
 
-def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None = None) -> FitResult:
+def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | list[Teacher] | None = None
+        ) -> FitResult:
     """Train the student as configured; resumable from the run folder's last checkpoint.
 
     `student` / `teacher`: objects to use instead of building cfg.student / cfg.online_teacher
-    by name (a teacher object is run live, as --online-teacher)."""
+    by name (teacher objects, one or a list, are run live, as --online-teacher)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -317,18 +318,17 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | None 
     if not run.run_json.exists():
         raise G2LError(f"run folder {run.root} could not be prepared (see the main process).")
     session_started, session_clock = now_iso(), time.time()
-    if main:
-        train_tiles_n = len(np.unique(data.tiles_of(data.train)))
-        run.update_info(teachers=teacher_records(slots, data.teachers if not live else [], live),
-                        data={"train_slides": len(np.unique(view_slides(data.reader, data.train))),
-                              "val_slides": len(data.val_slides), "train_tiles": train_tiles_n,
-                              "train_views": int(len(data.train)), "val_views": int(len(data.val))})
     # A live teacher makes its own targets: reading cached ones would be wasted I/O.
     train_set = FreshViews(data.reader) if cfg.fresh_views else CachedViews(data.reader, None if teacher else cached_fps)
     # Fidelity reads cached targets when the cache has them (a live teacher's own, stored as fp16),
     # so cached and online runs are measured against the same numbers; else the live teacher.
     fid_base, live_fidelity = CachedViews(data.reader, cached_fps), not cached_fps
     train_tiles = data.tiles_of(data.train)
+    if main:  # what the model card and the ledger report
+        run.update_info(teachers=teacher_records(slots, data.teachers if not live else [], live),
+                        data={"train_slides": len(np.unique(view_slides(data.reader, data.train))),
+                              "val_slides": len(data.val_slides), "train_tiles": len(np.unique(train_tiles)),
+                              "train_views": int(len(data.train)), "val_views": int(len(data.val))})
     per_epoch = samples_per_epoch(train_tiles, "one" if cfg.fresh_views else cfg.views_per_epoch)
     batches_per_epoch = per_epoch // cfg.batch_size
     if batches_per_epoch < cfg.grad_accum:

@@ -171,9 +171,10 @@ def test_fresh_views_online_with_several_teachers(two_teacher_cache, tmp_path):
 
 
 def test_teacher_options_are_checked(two_teacher_cache, tmp_path):
-    for kwargs, message in ((dict(teacher=[TEACHER], teacher_weight=["nope=1"]), "names no --teacher"),
+    for kwargs, message in ((dict(teacher=[TEACHER, SECOND], teacher_weight=["nope=1"]), "names no --teacher"),
                             (dict(teacher=[TEACHER, TEACHER]), "named twice"),
-                            (dict(teacher=[TEACHER], teacher_weight=[f"{TEACHER}=-1"]), "W >= 0"),
+                            (dict(teacher=[TEACHER, SECOND], teacher_weight=[f"{TEACHER}=-1"]), "W >= 0"),
+                            (dict(teacher=[TEACHER], teacher_weight=[f"{TEACHER}=2"]), "with one teacher"),
                             (dict(teacher=[TEACHER], online_teacher=[SECOND]), "not both")):
         with pytest.raises(G2LError, match=message):
             FitConfig(cache=str(two_teacher_cache), out=str(tmp_path / "x"), **kwargs)

@@ -102,7 +102,7 @@ def plan_table(plan: dict, built: dict | None = None) -> Table:
         ("views", str(plan["views"]), built and str(built["views"])),
         (f"bytes per tile ({plan['tiles_measured']} measured)", f"{plan['bytes_per_tile']:.0f}",
          built and built.get("bytes_per_tile") and f"{built['bytes_per_tile']:.0f}"),
-        ("disk: tiles + targets + tables + QC", _size(d["total"]), built and _size(built["bytes_on_disk"])),
+        ("disk: tiles, targets, tables, index, QC", _size(d["total"]), built and _size(built["bytes_on_disk"])),
         (f"teacher {t['name']}: GFLOP per view", f"{t['gflops_per_view']:.1f}", None),
         (f"build on {plan['gpu']} ({t['rate_from']})",
          f"{_hours(t['gpu_hours'])} at {t['views_per_second']:.0f} views/s",

@@ -20,7 +20,7 @@ from g2l_cache.build import BuildConfig, _plan_slides, _slide_specs, _Writers, p
 from g2l_cache.costs import (STUDENT_EFFICIENCY, TEACHER_EFFICIENCY, GPU_PEAK_TFLOPS, gpu_key,
                              gpu_views_per_second, model_flops, teacher_dims)
 from g2l_cache.errors import G2LError
-from g2l_cache.layout import CacheLayout, read_manifest
+from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.options import option
 from g2l_cache.progress import PlanProgress
 from g2l_cache.store import table_from_bytes, target_row_bytes, tiles_key
@@ -130,9 +130,13 @@ def estimate(cfg: PlanConfig, records: list[dict], failed: dict[str, str], tile_
         rate_source = f"{cfg.gpu}: {GPU_PEAK_TFLOPS[gpu_key(cfg.gpu)]:.0f} TFLOP/s x {TEACHER_EFFICIENCY}"
     student_rate = gpu_views_per_second(student_flops, cfg.gpu, STUDENT_EFFICIENCY)
     # one student epoch visits one view per tile (--views-per-epoch one, the default)
-    qc = sum(f.stat().st_size for f in CacheLayout(cfg.out).root.joinpath("qc").glob("*.png"))
+    root = CacheLayout(cfg.out).root
+    # measured, not estimated: the plan has already written the QC pictures and each shard's index
+    # (slide records, tile and view tables); the build only adds its done-bits
+    qc = sum(f.stat().st_size for f in root.joinpath("qc").glob("*.png"))
+    index = sum(dir_bytes(d) for d in root.joinpath("shards").glob("*/index.lmdb"))
     disk = {"tiles": tile_bytes * tiles, "targets": target_row_bytes(embed_dim, patch_dim) * views,
-            "tables": TABLE_BYTES_PER_VIEW * views, "qc_images": qc}
+            "tables": TABLE_BYTES_PER_VIEW * views, "shard_index": index, "qc_images": qc}
     disk["total"] = sum(disk.values())
     return {
         "settings": cfg.build_config().settings(),

@@ -10,6 +10,7 @@ writes everything to CACHE/plan.json.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,9 @@ def measure_tile_bytes(cfg: BuildConfig, records: list[dict], n: int) -> tuple[f
 def run_plan(cfg: PlanConfig) -> dict:
     """Detect tissue on every slide (resumable, reused by the build), estimate disk and GPU cost,
     write CACHE/plan.json and return it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would plan every slide into the same shards
+        raise G2LError("g2l cache plan runs as one process (it only detects tissue); run it without "
+                       "torchrun / accelerate launch.")
     started = time.time()
     build_cfg = cfg.build_config()
     manifest = prepare_cache(build_cfg)

@@ -75,6 +75,9 @@ def test_plan_counts_and_costs_a_build_that_then_starts_from_it(demo_dir, tmp_pa
     bad = runner.invoke(app, ["cache", "plan", str(demo_dir), "--out", str(tmp_path / "c2"), *PLAN_ARGS,
                               "--gpu", "tpu-v9"])
     assert bad.exit_code == 2 and "unknown GPU" in bad.output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bad = runner.invoke(app, ["cache", "plan", str(demo_dir), "--out", str(tmp_path / "c3"), *PLAN_ARGS])
+    assert bad.exit_code == 2 and "one process" in bad.output and not (tmp_path / "c3").exists()
 
 
 @pytest.fixture(scope="module")

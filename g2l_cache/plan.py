@@ -60,9 +60,10 @@ class PlanConfig(BuildConfig):
         return BuildConfig(**{k: getattr(self, k) for k in BuildConfig.__dataclass_fields__})
 
 
-def measure_tile_bytes(cfg: BuildConfig, records: list[dict], n: int) -> tuple[float, int]:
+def measure_tile_bytes(cfg: BuildConfig, records: list[dict], n: int, tile_table) -> tuple[float, int]:
     """Mean stored bytes of a seeded sample of `n` planned tiles (read from the slides, encoded as the
-    build will), and how many were measured."""
+    build will), and how many were measured. `tile_table(record)`: a planned slide's tile table (read
+    only for the slides the sample falls on)."""
     from g2l_cache.slides import open_slide
     from g2l_cache.tile_codec import encode_tile
     from g2l_cache.tiling import TileRecord, read_tile
@@ -79,7 +80,7 @@ def measure_tile_bytes(cfg: BuildConfig, records: list[dict], n: int) -> tuple[f
         rec = records[slide_i]
         mine = picks[(picks >= starts[slide_i]) & (picks < starts[slide_i] + counts[slide_i])] - starts[slide_i]
         slide = open_slide(spec_of(rec))
-        tiles = rec["_tiles"]
+        tiles = tile_table(rec)
         for i in mine:
             t = tiles.slice(int(i), 1).to_pylist()[0]
             tile = TileRecord(t["tile_id"], t["x"], t["y"], t["size0"], t["tissue_fraction"])
@@ -104,15 +105,14 @@ def run_plan(cfg: PlanConfig) -> dict:
     try:
         with PlanProgress(cfg.progress, len(specs)) as progress:
             records = _plan_slides(build_cfg, layout, specs, writers, manifest["n_shards"], progress, failed)
-        for rec in records:
-            stored = writers[shard_of(rec["slide_id"], manifest["n_shards"])].get(tiles_key(rec["slide_id"]))
-            rec["_tiles"] = table_from_bytes(stored)
+
+        def tile_table(rec: dict):
+            return table_from_bytes(writers[shard_of(rec["slide_id"], manifest["n_shards"])].get(tiles_key(rec["slide_id"])))
+
+        tile_bytes, measured = measure_tile_bytes(build_cfg, records, cfg.sample_tiles, tile_table)
     finally:
         writers.close()
     _remember_slide_inputs(layout, specs)
-    tile_bytes, measured = measure_tile_bytes(build_cfg, records, cfg.sample_tiles)
-    for rec in records:
-        rec.pop("_tiles")
     plan = estimate(cfg, records, failed, tile_bytes, measured)
     plan["seconds"] = time.time() - started
     (layout.root / PLAN_FILE).write_text(json.dumps(plan, indent=2))

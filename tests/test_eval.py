@@ -345,3 +345,24 @@ def test_robustness_sample_keeps_whole_groups_and_is_seeded():
     assert all((groups[rows] == g).sum() == 30 for g in kept)  # whole groups only
     assert np.array_equal(rows, ri_sample(groups, 3000, seed=0, limit=600))
     assert np.array_equal(ri_sample(groups, 500, seed=0, limit=600), np.arange(500))
+
+
+def test_compare_reports_apd_on_a_two_centre_two_class_set(tmp_path):
+    from g2l_student.evaluation.embedder import write_embeddings
+
+    labels, centers, groups = _two_by_two()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(len(labels), 8)).astype(np.float32)
+    x[:, 0] += 3.0 * (labels == "L1")
+    table = pl.DataFrame({"path": [f"t{i}.png" for i in range(len(labels))], "label": labels,
+                          "center": centers, "group": groups})
+    path = tmp_path / "model.parquet"
+    write_embeddings(path, table, x, {"model": "m", "model_fingerprint": "m-1", "data": "two-by-two",
+                                      "data_fingerprint": "d-1", "data_mpp": None, "model_mpp": 0.5})
+    m = compare([path], tmp_path / "rep", n_boot=5, map_method="pca", apd_iterations=2)
+    apd = m.filter(pl.col("metric") == "apd")
+    assert apd.height == 1
+    expected, _ = pathorob_apd(x, labels, centers, groups, iterations=2)
+    assert apd["value"][0] == pytest.approx(expected)
+    assert "apd (PathoROB's Camelyon schedule, croma) over 2 replicates, 6 tiles per group" in \
+        (tmp_path / "rep" / "report.md").read_text()

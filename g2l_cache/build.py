@@ -361,12 +361,17 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
     bg = BackgroundWriter()
     written = 0
 
+    device, last_commit = device_label(teacher.mean.device), time.time()
+
     def commit(batch: _InFlight) -> int:
+        nonlocal last_commit
         item = batch.item
         rec = by_id[item["slide_id"]]
         rows = encode_targets(*batch.result())  # refuses non-finite targets before anything is stored
+        now = time.time()  # this process's time since its last batch: what this batch cost the teacher
         bg.put(writers[rec["shard"]].commit, rec["slide_id"], rec["row_start"], rec["n_views"], fp,
-               item["indices"], rows, item["new_tiles"])
+               item["indices"], rows, item["new_tiles"], (device, now - last_commit))
+        last_commit = now
         progress.views_done(len(item["indices"]))
         remaining[item["slide_id"]] -= 1
         if remaining[item["slide_id"]] == 0:

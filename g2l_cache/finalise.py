@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest, write_manifest
 from g2l_cache.slides import SlideSpec
 from g2l_cache.store import (META_GENERATION, TLOC_DTYPE, bits_from_bytes, close_env, done_key, get_value,
-                             index_path, iter_prefix, read_int, shared_env, table_from_bytes,
+                             index_path, iter_prefix, read_int, read_spent, shared_env, table_from_bytes,
                              tiles_key, tloc_key, unpack, views_key)
 from g2l_cache.tables import (TILE_INDEX_DTYPE, TILE_LOCATION_SCHEMA, TILE_SCHEMA, VIEW_INDEX_DTYPE,
                               VIEW_LOCATION_SCHEMA, VIEW_SCHEMA, view_index_rows)
@@ -77,6 +77,7 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
                                 "mpp_override": s.mpp_override} for s in specs})
 
     envs, records, shard_states = {}, [], []
+    spent: dict[str, dict[str, dict[str, float]]] = {}  # teacher -> device -> time and views committed
     for shard in range(manifest["n_shards"]):
         path = layout.shard(shard)
         state = {"index": shard, "path": str(path.relative_to(layout.root)), "state": "empty",
@@ -85,6 +86,11 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
             env = envs[shard] = shared_env(path)
             shard_recs = [json.loads(unpack(v, k)) for k, v in iter_prefix(env, b"slide/")]
             records += shard_recs
+            for fp, devices in read_spent(env).items():
+                for device, cost in devices.items():
+                    total = spent.setdefault(fp, {}).setdefault(device, {"device_seconds": 0.0, "views": 0})
+                    total["device_seconds"] += cost["device_seconds"]
+                    total["views"] += cost["views"]
             state.update(state="complete", slides=len(shard_recs),
                          tiles=sum(r["n_tiles"] for r in shard_recs if r["status"] == "ok"),
                          bytes=dir_bytes(path), generation=read_int(env, META_GENERATION))
@@ -100,6 +106,9 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
         for shard in envs:
             close_env(layout.shard(shard))
 
+    for fp, devices in spent.items():
+        if fp in teachers:  # kept with the targets: also the time of builds killed half-way
+            teachers[fp]["spent"] = devices
     ok = [r for r in records if r["status"] == "ok"]
     n_views = sum(r["n_views"] for r in ok)
     if unchanged:

@@ -20,8 +20,24 @@ READ_BLOCK = 1 << 24  # bytes per read while checking data files
 
 
 def teacher_seconds(teacher: dict) -> float:
-    """Device-seconds the teacher's targets in this cache cost, over every build that wrote them."""
+    """Device-seconds the teacher's targets in this cache cost, over every build that wrote them:
+    the per-batch time committed with the targets (kept by builds killed half-way too), else the
+    finished passes' ledger."""
+    if teacher.get("spent"):
+        return float(sum(d["device_seconds"] for d in teacher["spent"].values()))
     return float(sum(p["device_seconds"] for p in teacher.get("ledger", [])))
+
+
+def teacher_views_paid(teacher: dict) -> int:
+    """Views whose teacher time `teacher_seconds` counts."""
+    if teacher.get("spent"):
+        return int(sum(d["views"] for d in teacher["spent"].values()))
+    return int(sum(p["views"] for p in teacher.get("ledger", [])))
+
+
+def teacher_devices(teacher: dict) -> list[str]:
+    """The devices the teacher's targets were computed on."""
+    return sorted(set(teacher.get("spent", {})) | {p["device"] for p in teacher.get("ledger", [])})
 
 
 def _mean_tile_bytes(layout: CacheLayout) -> float | None:
@@ -46,8 +62,7 @@ def cache_info(root: str) -> dict:
                      "patch_dim": t["patch_dim"], "targets": t.get("n_targets", 0),
                      "complete": t.get("complete", False),
                      "missing_slides": len(t.get("missing_slides", [])),
-                     "teacher_seconds": teacher_seconds(t),
-                     "devices": sorted({p["device"] for p in t.get("ledger", [])})}
+                     "teacher_seconds": teacher_seconds(t), "devices": teacher_devices(t)}
                 for fp, t in manifest["teachers"].items()}
     return {"cache": str(layout.root), "status": manifest.get("status"),
             "schema_version": manifest["schema_version"],

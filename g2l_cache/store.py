@@ -69,6 +69,11 @@ def done_key(slide_id: str, teacher_fp: str) -> bytes:
     return f"done/{slide_id}/{teacher_fp}".encode()
 
 
+def spent_key(teacher_fp: str, device: str) -> bytes:
+    """Teacher time and views committed to this shard on one kind of device: "milliseconds views"."""
+    return f"spent/{teacher_fp}/{device}".encode()
+
+
 META_ROWS, META_TILE_BYTES, META_GENERATION = b"meta/rows", b"meta/tile_bytes", b"meta/generation"
 
 
@@ -328,9 +333,12 @@ class ShardWriter:
         return self.target_fds[teacher_fp]
 
     def commit(self, slide_id: str, row_start: int, n_views: int, teacher_fp: str,
-               view_indices: np.ndarray, rows: np.ndarray, new_tiles: list[tuple[int, bytes]]) -> None:
+               view_indices: np.ndarray, rows: np.ndarray, new_tiles: list[tuple[int, bytes]],
+               spent: tuple[str, float] | None = None) -> None:
         """Store one batch of one slide: target rows of views `view_indices` (from
-        `encode_targets`) and the encoded bytes of tiles stored for the first time."""
+        `encode_targets`) and the encoded bytes of tiles stored for the first time. `spent`:
+        (device, seconds) the batch cost, added to the shard's ledger in the same transaction, so
+        the time of a build killed half-way is kept with the targets it paid for."""
         fd = self._target_fd(teacher_fp)
         stride = rows.shape[1]
         view_indices = np.asarray(view_indices, dtype=np.int64)
@@ -365,6 +373,10 @@ class ShardWriter:
             bits = bits_from_bytes(self._get(txn, key), n_views)
             bits[view_indices] = True
             txn.put(key, pack(bits_to_bytes(bits)))
+            if spent is not None:
+                key = spent_key(teacher_fp, spent[0])
+                ms, views = (int(v) for v in (self._get(txn, key) or b"0 0").split())
+                txn.put(key, pack(f"{ms + round(spent[1] * 1000)} {views + len(view_indices)}".encode()))
 
         self._write(fn)
 
@@ -412,3 +424,13 @@ class BackgroundWriter:
             if isinstance(self.error, G2LError):
                 raise self.error
             raise G2LError(f"writing to the cache failed: {self.error}") from self.error
+
+
+def read_spent(env: lmdb.Environment) -> dict[str, dict[str, dict[str, float]]]:
+    """A shard's ledger: teacher fingerprint -> device -> {"device_seconds", "views"} committed."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in iter_prefix(env, b"spent/"):
+        _, fp, device = bytes(key).decode().split("/", 2)
+        ms, views = (int(v) for v in unpack(value, key).split())
+        out.setdefault(fp, {})[device] = {"device_seconds": ms / 1000, "views": views}
+    return out

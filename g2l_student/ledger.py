@@ -38,13 +38,12 @@ def run_ledger(run_root: str | Path) -> dict:
 
 def cache_ledger(cache_root: str | Path, runs: list[str | Path]) -> dict:
     """The teacher time a cache paid once, and what the given runs trained on it reused."""
-    from g2l_cache.inspect import teacher_seconds
+    from g2l_cache.inspect import teacher_devices, teacher_seconds, teacher_views_paid
     from g2l_cache.layout import read_manifest
 
     manifest = read_manifest(cache_root)
     teachers = {fp: {"name": t["spec"]["name"], "device_seconds": teacher_seconds(t),
-                     "views": sum(p["views"] for p in t.get("ledger", [])),
-                     "devices": sorted({p["device"] for p in t.get("ledger", [])})}
+                     "views": teacher_views_paid(t), "devices": teacher_devices(t)}
                 for fp, t in manifest["teachers"].items()}
     rows = []
     for run in runs:

@@ -147,7 +147,7 @@ def load_fit_data(cfg: FitConfig) -> FitData:
 def teacher_records(slots: list[TeacherSlot], cached: list[dict], live: list) -> list[dict]:
     """What run.json says of each teacher: label, name, dims, and for cached targets their
     fingerprint and the teacher time the cache paid for them (the ledger of reuse)."""
-    from g2l_cache.inspect import teacher_seconds
+    from g2l_cache.inspect import teacher_devices, teacher_seconds, teacher_views_paid
 
     out = []
     for i, slot in enumerate(slots):
@@ -155,9 +155,8 @@ def teacher_records(slots: list[TeacherSlot], cached: list[dict], live: list) ->
         if cached:
             t = cached[i]
             record.update(name=t["spec"]["name"], fingerprint=t["fingerprint"], live=False,
-                          cache_device_seconds=teacher_seconds(t),
-                          cache_views=sum(p["views"] for p in t.get("ledger", [])),
-                          devices=sorted({p["device"] for p in t.get("ledger", [])}))
+                          cache_device_seconds=teacher_seconds(t), cache_views=teacher_views_paid(t),
+                          devices=teacher_devices(t))
         else:
             record.update(name=live[i].preset.name, fingerprint=live[i].fingerprint(), live=True)
         out.append(record)

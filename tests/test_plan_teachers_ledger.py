@@ -193,15 +193,18 @@ def test_the_ledger_adds_up_over_cache_and_runs(two_teacher_cache, two_teacher_r
     for t in manifest["teachers"].values():
         assert [p["views"] for p in t["ledger"]] == [n_views]  # one pass each, every view once
         assert t["ledger"][0]["device_seconds"] > 0 and t["ledger"][0]["device"].startswith("cpu")
+        (device, spent), = t["spent"].items()  # committed with the targets, batch by batch
+        assert device == t["ledger"][0]["device"] and spent["views"] == n_views
+        assert 0 < spent["device_seconds"] <= t["ledger"][0]["device_seconds"]  # the pass ends after its last commit
     res = runner.invoke(app, ["cache", "info", str(two_teacher_cache), "--runs", str(two_teacher_run), "--json"])
     assert res.exit_code == 0, res.output
     ledger = json.loads(res.output)["ledger"]
-    paid = sum(t["ledger"][0]["device_seconds"] for t in manifest["teachers"].values())
-    assert ledger["teacher_seconds_paid"] == pytest.approx(paid)
+    spent = [next(iter(t["spent"].values())) for t in manifest["teachers"].values()]
+    assert ledger["teacher_seconds_paid"] == pytest.approx(sum(s["device_seconds"] for s in spent))
     run = ledger["runs"][0]
     assert run["views_trained"] == 6 * 8 and run["sessions"] == 1
     # online, the run's 48 views would have cost each teacher 48 of its per-view seconds
-    per_view = sum(t["ledger"][0]["device_seconds"] / n_views for t in manifest["teachers"].values())
+    per_view = sum(s["device_seconds"] / s["views"] for s in spent)
     assert run["online_equivalent_seconds"] == pytest.approx(48 * per_view)
     report = runner.invoke(app, ["student", "report", str(two_teacher_run)])
     assert report.exit_code == 0 and "cost ledger" in report.output

@@ -53,7 +53,12 @@ def test_kill_9_then_resume_equals_an_uninterrupted_build(demo_dir, tmp_path):
         a = pl.read_parquet(reference / f"{table}.parquet")
         b = pl.read_parquet(crashed / f"{table}.parquet")
         assert a.equals(b)
-    assert json.loads((crashed / "manifest.json").read_text())["status"] == "complete"
+    manifest = json.loads((crashed / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    # the ledger: only the resumed pass finished, but the killed pass's batches kept their time
+    (teacher,) = manifest["teachers"].values()
+    assert [p["views"] for p in teacher["ledger"]] == [total - partial]
+    assert sum(d["views"] for d in teacher["spent"].values()) == total
 
 
 def test_second_teacher_reuses_stored_tiles_without_reading_slides(demo_dir, tmp_path):

@@ -82,9 +82,9 @@ def _size(n: float) -> str:
 
 
 def _hours(h: float) -> str:
-    if h >= 1:
-        return f"{h:.3g} GPU-h"
-    return f"{h * 60:.3g} GPU-min" if h * 60 >= 1 else f"{h * 3600:.3g} GPU-s"
+    from g2l_student.ledger import hours
+
+    return hours(h * 3600, "GPU-")
 
 
 def plan_table(plan: dict, built: dict | None = None) -> Table:
@@ -154,11 +154,10 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
     from g2l_cache.inspect import cache_info
     from g2l_student.ledger import cache_ledger, hours
 
-    if bool(runs) != bool(run_folders):
+    if runs != bool(run_folders):
         raise G2LError("name run folders after --runs: g2l cache info CACHE --runs RUN [RUN ...].")
-    runs = run_folders or []
     data = cache_info(str(cache))
-    ledger = cache_ledger(cache, runs) if runs else None
+    ledger = cache_ledger(cache, run_folders) if runs else None
     if as_json:
         print(json.dumps({**data, **({"ledger": ledger} if ledger else {})}, indent=2))
         return

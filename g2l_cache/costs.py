@@ -16,49 +16,44 @@ TEACHER_EFFICIENCY = 0.278
 STUDENT_EFFICIENCY = 0.164
 
 
-def model_flops(name: str, size: int, train: bool) -> float:
-    """FLOPs per image of a teacher preset or timm model: forward, or forward + backward if `train`.
-
-    Counted on the meta device: shapes only, no weights, no time."""
+def _meta_profile(name: str, size: int, train: bool) -> tuple[float, int, int]:
+    """(FLOPs per image, embedding size, mean patch size) of a preset or timm model, from one pass
+    on the meta device: shapes only, no weights, no time."""
     import timm
     from torch.utils.flop_counter import FlopCounterMode
-
-    from g2l_cache.teachers import get_preset
-
-    preset = get_preset(name)
-    with torch.device("meta"):
-        model = timm.create_model(preset.arch, num_classes=0, img_size=size, **preset.kwargs)
-        x = torch.empty(1, 3, size, size)
-        with FlopCounterMode(display=False) as counter:
-            out = model.forward_features(x)
-            if train:
-                out.float().mean().backward()
-    return float(counter.get_total_flops())
-
-
-def teacher_dims(name: str, size: int) -> tuple[int, int]:
-    """(embedding, mean patch) sizes a teacher's targets have, from its shapes on the meta device."""
-    import timm
 
     from g2l_cache.teachers import get_preset, split_embedding
 
     preset = get_preset(name)
     with torch.device("meta"):
         model = timm.create_model(preset.arch, num_classes=0, img_size=size, **preset.kwargs)
-        emb, patch = split_embedding(model, model.forward_features(torch.empty(1, 3, size, size)),
-                                     preset.embedding)
-    return emb.shape[1], patch.shape[1]
+        with FlopCounterMode(display=False) as counter:
+            feats = model.forward_features(torch.empty(1, 3, size, size))
+            if train:
+                feats.float().mean().backward()
+        emb, patch = split_embedding(model, feats.detach(), preset.embedding)
+    return float(counter.get_total_flops()), emb.shape[1], patch.shape[1]
+
+
+def model_flops(name: str, size: int, train: bool) -> float:
+    """FLOPs per image of a teacher preset or timm model: forward, or forward + backward if `train`."""
+    return _meta_profile(name, size, train)[0]
+
+
+def teacher_flops_and_dims(name: str, size: int) -> tuple[float, int, int]:
+    """A teacher's forward FLOPs per view and the (embedding, mean patch) sizes of its targets."""
+    return _meta_profile(name, size, train=False)
+
+
+def gpu_peak_tflops(gpu: str) -> float:
+    """The dense bf16 peak of a GPU of the table ("H100", "rtx-4090" are read as "h100", "rtx4090")."""
+    key = gpu.lower().replace("-", "").replace(" ", "")
+    if key not in GPU_PEAK_TFLOPS:
+        raise G2LError(f"unknown GPU {gpu!r}: use one of {', '.join(GPU_PEAK_TFLOPS)}, or give "
+                       "--views-per-second measured on yours.")
+    return GPU_PEAK_TFLOPS[key]
 
 
 def gpu_views_per_second(flops_per_view: float, gpu: str, efficiency: float) -> float:
     """Views per second on a GPU of the table, at the measured share of its peak."""
-    key = gpu_key(gpu)
-    if key not in GPU_PEAK_TFLOPS:
-        raise G2LError(f"unknown GPU {gpu!r}: use one of {', '.join(GPU_PEAK_TFLOPS)}, or give "
-                       "--views-per-second measured on yours.")
-    return GPU_PEAK_TFLOPS[key] * 1e12 * efficiency / flops_per_view
-
-
-def gpu_key(gpu: str) -> str:
-    """A GPU name as the peak table spells it ("H100", "rtx-4090" -> "h100", "rtx4090")."""
-    return gpu.lower().replace("-", "").replace(" ", "")
+    return gpu_peak_tflops(gpu) * 1e12 * efficiency / flops_per_view

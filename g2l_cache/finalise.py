@@ -59,6 +59,14 @@ def _add_columns(table: pa.Table, schema: pa.Schema, columns: dict[str, np.ndarr
     return table
 
 
+def merged_slide_inputs(manifest: dict, specs: list[SlideSpec]) -> list[dict]:
+    """The manifest's slide inputs with `specs` added (a build without SLIDES works on these)."""
+    inputs = {s["slide_id"]: s for s in manifest.get("slide_inputs", [])}
+    inputs.update({s.slide_id: {"slide_id": s.slide_id, "path": s.path, "mpp_override": s.mpp_override}
+                   for s in specs})
+    return [inputs[k] for k in sorted(inputs)]
+
+
 def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: dict,
                    world_size: int, teacher_pass: dict | None = None) -> dict:
     """Write slides/tiles/views Parquet, the index and the manifest's counts, teachers and shards;
@@ -72,9 +80,6 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
     if teacher_pass is not None:
         entry = teachers[teacher_info["fingerprint"]]
         entry["ledger"] = [*entry.get("ledger", []), teacher_pass]
-    inputs = {s["slide_id"]: s for s in manifest.get("slide_inputs", [])}
-    inputs.update({s.slide_id: {"slide_id": s.slide_id, "path": s.path,
-                                "mpp_override": s.mpp_override} for s in specs})
 
     envs, records, shard_states = {}, [], []
     spent: dict[str, dict[str, dict[str, float]]] = {}  # teacher -> device -> time and views committed
@@ -119,7 +124,7 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
     manifest.update(
         status="complete" if teachers[teacher_info["fingerprint"]]["complete"] else "partial",
         teachers=teachers, shards=shard_states, last_world_size=world_size,
-        slide_inputs=[inputs[k] for k in sorted(inputs)], counts=counts)
+        slide_inputs=merged_slide_inputs(manifest, specs), counts=counts)
     write_manifest(layout.root, manifest)
     return manifest
 

@@ -21,23 +21,18 @@ READ_BLOCK = 1 << 24  # bytes per read while checking data files
 
 def teacher_seconds(teacher: dict) -> float:
     """Device-seconds the teacher's targets in this cache cost, over every build that wrote them:
-    the per-batch time committed with the targets (kept by builds killed half-way too), else the
-    finished passes' ledger."""
-    if teacher.get("spent"):
-        return float(sum(d["device_seconds"] for d in teacher["spent"].values()))
-    return float(sum(p["device_seconds"] for p in teacher.get("ledger", [])))
+    the per-batch time committed with the targets (kept by builds killed half-way too)."""
+    return float(sum(d["device_seconds"] for d in teacher.get("spent", {}).values()))
 
 
 def teacher_views_paid(teacher: dict) -> int:
     """Views whose teacher time `teacher_seconds` counts."""
-    if teacher.get("spent"):
-        return int(sum(d["views"] for d in teacher["spent"].values()))
-    return int(sum(p["views"] for p in teacher.get("ledger", [])))
+    return int(sum(d["views"] for d in teacher.get("spent", {}).values()))
 
 
 def teacher_devices(teacher: dict) -> list[str]:
     """The devices the teacher's targets were computed on."""
-    return sorted(set(teacher.get("spent", {})) | {p["device"] for p in teacher.get("ledger", [])})
+    return sorted(teacher.get("spent", {}))
 
 
 def _mean_tile_bytes(layout: CacheLayout) -> float | None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from g2l_cache.build import BuildConfig, _plan_slides, _slide_specs, _Writers, prepare_cache, shard_of
-from g2l_cache.costs import (STUDENT_EFFICIENCY, TEACHER_EFFICIENCY, GPU_PEAK_TFLOPS, gpu_key,
-                             gpu_views_per_second, model_flops, teacher_dims)
+from g2l_cache.costs import (STUDENT_EFFICIENCY, TEACHER_EFFICIENCY, GPU_PEAK_TFLOPS, gpu_peak_tflops,
+                             gpu_views_per_second, model_flops, teacher_flops_and_dims)
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.options import option
@@ -51,9 +51,7 @@ class PlanConfig(BuildConfig):
             raise G2LError("--sample-tiles must be at least 1.")
         if self.views_per_second is not None and self.views_per_second <= 0:
             raise G2LError("--views-per-second must be positive.")
-        if gpu_key(self.gpu) not in GPU_PEAK_TFLOPS:  # before any slide is read
-            raise G2LError(f"unknown GPU {self.gpu!r}: use one of {', '.join(GPU_PEAK_TFLOPS)}, or give "
-                           "--views-per-second measured on yours.")
+        gpu_peak_tflops(self.gpu)  # an unknown GPU is refused before any slide is read
 
     def build_config(self) -> BuildConfig:
         """The BuildConfig whose settings this plan shares."""
@@ -124,14 +122,13 @@ def estimate(cfg: PlanConfig, records: list[dict], failed: dict[str, str], tile_
     """The plan's numbers from the planned slide records and the measured bytes per tile."""
     tiles = sum(r["n_tiles"] for r in records)
     views = tiles * cfg.views
-    embed_dim, patch_dim = teacher_dims(cfg.teacher, cfg.crop_size)
-    teacher_flops = model_flops(cfg.teacher, cfg.crop_size, train=False)
+    teacher_flops, embed_dim, patch_dim = teacher_flops_and_dims(cfg.teacher, cfg.crop_size)
     student_flops = model_flops(cfg.student, cfg.student_img_size, train=True)
     if cfg.views_per_second:
         teacher_rate, rate_source = cfg.views_per_second, "--views-per-second"
     else:
         teacher_rate = gpu_views_per_second(teacher_flops, cfg.gpu, TEACHER_EFFICIENCY)
-        rate_source = f"{cfg.gpu}: {GPU_PEAK_TFLOPS[gpu_key(cfg.gpu)]:.0f} TFLOP/s x {TEACHER_EFFICIENCY}"
+        rate_source = f"{cfg.gpu}: {gpu_peak_tflops(cfg.gpu):.0f} TFLOP/s x {TEACHER_EFFICIENCY}"
     student_rate = gpu_views_per_second(student_flops, cfg.gpu, STUDENT_EFFICIENCY)
     # one student epoch visits one view per tile (--views-per-epoch one, the default)
     root = CacheLayout(cfg.out).root
@@ -172,11 +169,9 @@ def read_plan(root: str | Path) -> dict | None:
 
 def _remember_slide_inputs(layout: CacheLayout, specs) -> None:
     """Record the planned slides in the manifest so the build can be run without SLIDES."""
+    from g2l_cache.finalise import merged_slide_inputs
     from g2l_cache.layout import write_manifest
 
     manifest = read_manifest(layout.root)
-    known = {s["slide_id"]: s for s in manifest.get("slide_inputs", [])}
-    known.update({s.slide_id: {"slide_id": s.slide_id, "path": s.path, "mpp_override": s.mpp_override}
-                  for s in specs})
-    manifest["slide_inputs"] = [known[k] for k in sorted(known)]
+    manifest["slide_inputs"] = merged_slide_inputs(manifest, specs)
     write_manifest(layout.root, manifest)

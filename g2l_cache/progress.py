@@ -6,6 +6,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def _columns() -> tuple:
+    """Name, bar, done/total, the task's `rate` text, elapsed and remaining time."""
+    return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(), TimeRemainingColumn())
+
+
 class BuildProgress:
     """Two bars: slides (ok/failed) and views embedded, with views/s and tiles/s."""
 
@@ -18,10 +24,7 @@ class BuildProgress:
         if not enabled:
             self.progress = None
             return
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), console=console or Console(stderr=True),
-                                 transient=False)
+        self.progress = Progress(*_columns(), console=console or Console(stderr=True), transient=False)
         self.slides = self.progress.add_task("slides", total=n_slides, rate="")
         self.views = self.progress.add_task("views", total=None, rate="", start=False)
 
@@ -72,9 +75,7 @@ class PlanProgress:
 
     def __init__(self, enabled: bool, n_slides: int, console: Console | None = None):
         self.ok = self.failed = 0
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=console or Console(stderr=True), disable=not enabled)
+        self.progress = Progress(*_columns(), console=console or Console(stderr=True), disable=not enabled)
         self.slides = self.progress.add_task("slides planned", total=n_slides, rate="")
 
     def __enter__(self):

@@ -63,8 +63,8 @@ def cache_ledger(cache_root: str | Path, runs: list[str | Path]) -> dict:
             "fit_device_seconds": sum(r["fit_device_seconds"] for r in rows)}
 
 
-def hours(seconds: float) -> str:
-    """Device time as people read it: seconds, minutes or hours."""
+def hours(seconds: float, unit_prefix: str = "") -> str:
+    """Device time as people read it: seconds, minutes or hours (units prefixed, e.g. "GPU-h")."""
     if seconds >= 3600:
-        return f"{seconds / 3600:.3g} h"
-    return f"{seconds / 60:.3g} min" if seconds >= 60 else f"{seconds:.3g} s"
+        return f"{seconds / 3600:.3g} {unit_prefix}h"
+    return f"{seconds / 60:.3g} {unit_prefix}min" if seconds >= 60 else f"{seconds:.3g} {unit_prefix}s"

@@ -15,10 +15,8 @@ import polars as pl
 from g2l_cache.errors import G2LError
 from g2l_student.config import FitConfig
 from g2l_student.ledger import hours, run_ledger
-from g2l_student.rundir import RunDir
+from g2l_student.rundir import FIDELITY_SUMMARY, RunDir
 
-FIDELITY_KEYS = ("projected_cosine", "projected_r2", "projected_cka_debiased", "backbone_cka_debiased",
-                 "backbone_knn10_overlap")
 RECIPE_KEYS = ("student", "img_size", "target", "loss", "alpha", "logsum_over", "lr", "weight_decay",
                "batch_size", "grad_accum", "steps", "epochs", "warmup_steps", "early_stop", "ema_decay",
                "views_per_epoch", "val_fraction", "seed", "head_init")
@@ -86,7 +84,7 @@ def render_card(run_root: str | Path, export_config: dict, evaluation: pl.DataFr
     lines += ["", f"Trained {info.get('steps')} steps, stopped {why.get(info.get('stopped'), info.get('stopped'))}. "
               "Every option: the run's config.toml.", "", f"## Fidelity to the teacher ({split} views)", ""]
     before, after = fidelity.get("before", {}), fidelity.get("after", {})
-    keys = [k for k in after if k != "views" and k.split(":")[-1] in FIDELITY_KEYS] or list(FIDELITY_KEYS)
+    keys = [k for k in after if k != "views" and k.split(":")[-1] in FIDELITY_SUMMARY] or list(FIDELITY_SUMMARY)
     lines += ["| metric | before training | after |", "|---|---|---|"]
     lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in keys]
     lines += [f"| views | {_fmt(before.get('views'))} | {_fmt(after.get('views'))} |", ""]

@@ -15,8 +15,9 @@ from g2l_cache.layout import now_iso, write_text_atomic
 RUN_FORMAT = "g2l-run"
 # seconds: since the loop started; data_seconds: time this step waited for the data loader.
 # val_*: fidelity on the held-out views (g2l_student.fidelity), on the rows of --val-every steps.
-VAL_COLUMNS = ["val_projected_cosine", "val_projected_r2", "val_projected_cka_debiased",
-               "val_backbone_cka_debiased", "val_backbone_knn10_overlap"]
+FIDELITY_SUMMARY = ("projected_cosine", "projected_r2", "projected_cka_debiased", "backbone_cka_debiased",
+                    "backbone_knn10_overlap")  # the fidelity keys metrics.csv and the model card show
+VAL_COLUMNS = [f"val_{k}" for k in FIDELITY_SUMMARY]
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "seconds", "data_seconds", *VAL_COLUMNS]
 
 

@@ -247,7 +247,7 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     finally:
         writers.close()
     # the cost ledger: teacher time summed over processes (device-seconds), paid once per view
-    spent_ms = dist.all_sum(int(embed_seconds * 1000))
+    spent_ms = dist.all_sum(round(embed_seconds * 1000))
     written = dist.all_sum(written)
     teacher_pass = {"finished": now_iso(), "device_seconds": spent_ms / 1000,
                     "wall_seconds": embed_seconds, "processes": dist.world_size,
@@ -361,17 +361,19 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
     bg = BackgroundWriter()
     written = 0
 
-    device, last_commit = device_label(teacher.mean.device), time.time()
+    device, started, charged_ms = device_label(teacher.mean.device), time.time(), 0
 
     def commit(batch: _InFlight) -> int:
-        nonlocal last_commit
+        nonlocal charged_ms
         item = batch.item
         rec = by_id[item["slide_id"]]
         rows = encode_targets(*batch.result())  # refuses non-finite targets before anything is stored
-        now = time.time()  # this process's time since its last batch: what this batch cost the teacher
+        # This process's time since its last batch is what this batch cost the teacher. Charged in
+        # whole ms off one clock so the per-batch charges add up to the pass, with no rounding drift.
+        batch_ms = round((time.time() - started) * 1000) - charged_ms
+        charged_ms += batch_ms
         bg.put(writers[rec["shard"]].commit, rec["slide_id"], rec["row_start"], rec["n_views"], fp,
-               item["indices"], rows, item["new_tiles"], (device, now - last_commit))
-        last_commit = now
+               item["indices"], rows, item["new_tiles"], (device, batch_ms / 1000))
         progress.views_done(len(item["indices"]))
         remaining[item["slide_id"]] -= 1
         if remaining[item["slide_id"]] == 0:

@@ -241,9 +241,9 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     try:
         with progress:
             records = _plan_slides(cfg, layout, my_specs, writers, n_shards, progress, failed)
-            embed_started = time.time()
+            embed_started = time.monotonic()
             written = _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, clock)
-            embed_seconds = time.time() - embed_started
+            embed_seconds = time.monotonic() - embed_started
     finally:
         writers.close()
     # the cost ledger: teacher time summed over processes (device-seconds), paid once per view
@@ -361,7 +361,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
     bg = BackgroundWriter()
     written = 0
 
-    device, started, charged_ms = device_label(teacher.mean.device), time.time(), 0
+    device, started, charged_ms = device_label(teacher.mean.device), time.monotonic(), 0
 
     def commit(batch: _InFlight) -> int:
         nonlocal charged_ms
@@ -370,7 +370,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
         rows = encode_targets(*batch.result())  # refuses non-finite targets before anything is stored
         # This process's time since its last batch is what this batch cost the teacher. Charged in
         # whole ms off one clock so the per-batch charges add up to the pass, with no rounding drift.
-        batch_ms = round((time.time() - started) * 1000) - charged_ms
+        batch_ms = round((time.monotonic() - started) * 1000) - charged_ms
         charged_ms += batch_ms
         bg.put(writers[rec["shard"]].commit, rec["slide_id"], rec["row_start"], rec["n_views"], fp,
                item["indices"], rows, item["new_tiles"], (device, batch_ms / 1000))

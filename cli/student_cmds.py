@@ -98,7 +98,7 @@ def report(run: Path = typer.Argument(..., help="Run folder.")) -> None:
 
 def print_ledger(runs: list[dict], paid: dict | None = None) -> None:
     """One row per run: its fit time, and the teacher inference it reused from its cache."""
-    from g2l_student.ledger import hours
+    from g2l_student.ledger import hours, reused_text, unrecorded_note
 
     table = Table(title="cost ledger")
     for column in ("run", "fit (device time)", "views trained", "teacher inference reused",
@@ -106,11 +106,14 @@ def print_ledger(runs: list[dict], paid: dict | None = None) -> None:
         table.add_column(column, justify="left" if column == "run" else "right")
     for r in runs:
         table.add_row(Path(r["run"]).name, f"{hours(r['fit_device_seconds'])} on {', '.join(r['fit_devices']) or '-'}",
-                      str(r["views_trained"]), hours(r["teacher_seconds_reused"]),
-                      hours(r["online_equivalent_seconds"]))
+                      str(r["views_trained"]), reused_text(r["teacher_seconds_reused"], r["teachers_unrecorded"]),
+                      reused_text(r["online_equivalent_seconds"], r["teachers_unrecorded"]))
     console.print(table)
-    if paid is not None:
-        console.print(f"teacher inference paid once: {hours(paid['teacher_seconds_paid'])}; reused by "
-                      f"{len(runs)} fit(s): {hours(paid['teacher_seconds_reused'])} in all; online distillation "
-                      f"of the same views would have run the teacher for {hours(paid['online_equivalent_seconds'])}.",
-                      markup=False)
+    unrecorded = paid["teachers_unrecorded"] if paid is not None else sorted({n for r in runs for n in r["teachers_unrecorded"]})
+    if paid is not None and (paid["teacher_seconds_paid"] or not unrecorded):
+        console.print(f"teacher inference paid once: {reused_text(paid['teacher_seconds_paid'], unrecorded)}; reused by "
+                      f"{len(runs)} fit(s): {reused_text(paid['teacher_seconds_reused'], unrecorded)} in all; online "
+                      "distillation of the same views would have run the teacher for "
+                      f"{reused_text(paid['online_equivalent_seconds'], unrecorded)}.", markup=False)
+    if unrecorded:
+        console.print(unrecorded_note(unrecorded), markup=False)

@@ -14,7 +14,7 @@ import polars as pl
 
 from g2l_cache.errors import G2LError
 from g2l_student.config import FitConfig
-from g2l_student.ledger import hours, run_ledger
+from g2l_student.ledger import hours, run_ledger, unrecorded_note
 from g2l_student.rundir import FIDELITY_SUMMARY, RunDir
 
 RECIPE_KEYS = ("student", "img_size", "target", "loss", "alpha", "logsum_over", "lr", "weight_decay",
@@ -98,13 +98,17 @@ def render_card(run_root: str | Path, export_config: dict, evaluation: pl.DataFr
     lines += ["## Cost ledger", "", "| what | device time | on |", "|---|---|---|"]
     for t in ledger["teachers"]:
         if not t.get("live"):
-            lines.append(f"| teacher {t.get('name')}: inference on {t.get('cache_views')} cached views, paid once "
-                         f"by `g2l cache build` | {hours(t['cache_device_seconds'])} | {', '.join(t.get('devices', [])) or '-'} |")
+            views, paid = ((f"{t['cache_views']} cached views", hours(t["cache_device_seconds"])) if t.get("cache_views")
+                           else ("the cached views", "not recorded"))
+            lines.append(f"| teacher {t.get('name')}: inference on {views}, paid once "
+                         f"by `g2l cache build` | {paid} | {', '.join(t.get('devices', [])) or '-'} |")
     lines.append(f"| this fit: {ledger['sessions']} session(s), {ledger['views_trained']} views | "
                  f"{hours(ledger['fit_device_seconds'])} | {', '.join(ledger['fit_devices']) or '-'} |")
     if ledger["teacher_seconds_reused"]:
         lines += ["", f"This student reused {hours(ledger['teacher_seconds_reused'])} of teacher inference from "
                   f"the cache; distilling its {ledger['views_trained']} training views online would have run the "
                   f"teacher for {hours(ledger['online_equivalent_seconds'])} during the fit instead."]
+    if ledger.get("teachers_unrecorded"):
+        lines += ["", unrecorded_note(ledger["teachers_unrecorded"])]
     lines.append("")
     return "\n".join(lines)

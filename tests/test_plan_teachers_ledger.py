@@ -19,6 +19,7 @@ from g2l_cache import CacheReader, G2LError
 from g2l_cache.build import run_build
 from g2l_cache.work import PlanDataset
 from g2l_student.config import FitConfig
+from g2l_student.ledger import reused_text
 from g2l_student.rundir import RunDir
 from g2l_student.train import fit
 from helpers import TEACHER, small_config
@@ -210,6 +211,42 @@ def test_the_ledger_adds_up_over_cache_and_runs(two_teacher_cache, two_teacher_r
     assert report.exit_code == 0 and "cost ledger" in report.output
     other = runner.invoke(app, ["cache", "info", str(two_teacher_cache), "--runs", str(two_teacher_cache)])
     assert other.exit_code == 2 and "not a g2l run folder" in other.output
+
+
+def test_teacher_time_a_cache_never_recorded_is_shown_as_such_not_as_zero(two_teacher_cache, two_teacher_run,
+                                                                            tmp_path):
+    # a cache built by a g2l older than the ledger: targets, but no teacher time; so is a run of it
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    shutil.copytree(two_teacher_cache, cache)
+    shutil.copytree(two_teacher_run, run)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    old_fp, kept_fp = sorted(manifest["teachers"])
+    old_name = manifest["teachers"][old_fp]["spec"]["name"]
+    del manifest["teachers"][old_fp]["spent"], manifest["teachers"][old_fp]["ledger"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    info = json.loads((run / "run.json").read_text())
+    for t in info["teachers"]:
+        if t["fingerprint"] == old_fp:
+            t.update(cache_device_seconds=0.0, cache_views=0, devices=[])
+    (run / "run.json").write_text(json.dumps(info))
+
+    res = runner.invoke(app, ["cache", "info", str(cache), "--runs", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    ledger = json.loads(res.output)["ledger"]
+    assert ledger["teachers_unrecorded"] == [old_name] and ledger["runs"][0]["teachers_unrecorded"] == [old_name]
+    kept = next(iter(manifest["teachers"][kept_fp]["spent"].values()))
+    assert ledger["teacher_seconds_paid"] == pytest.approx(kept["device_seconds"])  # the recorded teacher only
+    for command in (["cache", "info", str(cache), "--runs", str(run)], ["student", "report", str(run)]):
+        res = runner.invoke(app, command)
+        assert res.exit_code == 0, res.output
+        words = " ".join(res.output.split())  # rich wraps table cells and lines at the terminal width
+        assert "recorded" in words.split("cost ledger")[1].split("not recorded for")[0]  # in the run's row
+        assert f"teacher time not recorded for {old_name}" in words
+    assert reused_text(1.5, [old_name]) == "1.5 s + not recorded" and reused_text(0.0, [old_name]) == "not recorded"
+    assert runner.invoke(app, ["student", "export", str(run)]).exit_code == 0
+    card = (run / "export" / "README.md").read_text()
+    assert f"| teacher {old_name}: inference on the cached views, paid once by `g2l cache build` | not recorded |" in card
+    assert f"not recorded for {old_name}" in card
 
 
 def test_the_model_card_takes_the_evaluation_rows_of_its_own_export(two_teacher_run, tmp_path):

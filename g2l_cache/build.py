@@ -373,7 +373,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
         batch_ms = round((time.monotonic() - started) * 1000) - charged_ms
         charged_ms += batch_ms
         bg.put(writers[rec["shard"]].commit, rec["slide_id"], rec["row_start"], rec["n_views"], fp,
-               item["indices"], rows, item["new_tiles"], (device, batch_ms / 1000))
+               item["indices"], rows, item["new_tiles"], (device, batch_ms))
         progress.views_done(len(item["indices"]))
         remaining[item["slide_id"]] -= 1
         if remaining[item["slide_id"]] == 0:

@@ -334,11 +334,11 @@ class ShardWriter:
 
     def commit(self, slide_id: str, row_start: int, n_views: int, teacher_fp: str,
                view_indices: np.ndarray, rows: np.ndarray, new_tiles: list[tuple[int, bytes]],
-               spent: tuple[str, float] | None = None) -> None:
+               spent: tuple[str, int] | None = None) -> None:
         """Store one batch of one slide: target rows of views `view_indices` (from
         `encode_targets`) and the encoded bytes of tiles stored for the first time. `spent`:
-        (device, seconds) the batch cost, added to the shard's ledger in the same transaction, so
-        the time of a build killed half-way is kept with the targets it paid for."""
+        (device, whole milliseconds) the batch cost, added to the shard's ledger in the same
+        transaction, so the time of a build killed half-way is kept with the targets it paid for."""
         fd = self._target_fd(teacher_fp)
         stride = rows.shape[1]
         view_indices = np.asarray(view_indices, dtype=np.int64)
@@ -376,7 +376,7 @@ class ShardWriter:
             if spent is not None:
                 key = spent_key(teacher_fp, spent[0])
                 ms, views = (int(v) for v in (self._get(txn, key) or b"0 0").split())
-                txn.put(key, pack(f"{ms + round(spent[1] * 1000)} {views + len(view_indices)}".encode()))
+                txn.put(key, pack(f"{ms + spent[1]} {views + len(view_indices)}".encode()))
 
         self._write(fn)
 

@@ -108,7 +108,7 @@ def render_card(run_root: str | Path, export_config: dict, evaluation: pl.DataFr
         lines += ["", f"This student reused {hours(ledger['teacher_seconds_reused'])} of teacher inference from "
                   f"the cache; distilling its {ledger['views_trained']} training views online would have run the "
                   f"teacher for {hours(ledger['online_equivalent_seconds'])} during the fit instead."]
-    if ledger.get("teachers_unrecorded"):
+    if ledger["teachers_unrecorded"]:
         lines += ["", unrecorded_note(ledger["teachers_unrecorded"])]
     lines.append("")
     return "\n".join(lines)

@@ -34,12 +34,13 @@ demo: install $(DEMO)/slides/.done
 		--random-init --img-size 64 --steps 300 --batch-size 32 --lr 5e-4 --val-fraction 0.25 \
 		--checkpoint-every 100 --num-workers 1
 	$(BIN)/g2l demo tiles $(DEMO)/tiles --n-crops 40 --centers 3
-	$(BIN)/g2l embed $(DEMO_TEACHER) $(DEMO)/tiles/tiles.csv --random-init --img-size 112 --out $(DEMO)/eval/teacher.parquet
+	$(BIN)/g2l embed $(DEMO_TEACHER) $(DEMO)/tiles/tiles.csv --random-init --img-size 112 \
+		--out $(DEMO)/eval/teacher.parquet
 	$(BIN)/g2l embed $(DEMO)/run $(DEMO)/tiles/tiles.csv --out $(DEMO)/eval/student.parquet
 	$(BIN)/g2l embed $(DEMO_STUDENT) $(DEMO)/tiles/tiles.csv --random-init --img-size 64 \
 		--out $(DEMO)/eval/untrained-student.parquet
 	$(BIN)/g2l eval compare $(DEMO)/eval/teacher.parquet $(DEMO)/eval/student.parquet \
-		$(DEMO)/eval/untrained-student.parquet --out $(DEMO)/report
+		$(DEMO)/eval/untrained-student.parquet --reference teacher --out $(DEMO)/report
 	$(BIN)/g2l student export $(DEMO)/run --evaluation $(DEMO)/report
 	$(BIN)/g2l cache info $(DEMO)/cache --runs $(DEMO)/run
 	@echo

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cli.common import console, data_wait_text, handle_errors
 from cli.options import config_command
+from g2l_cache.inspect import RECOMPUTE_TOLERANCE
 
 app = typer.Typer(help="Stage one: run the teacher once over tiled slides and cache its targets.",
                   no_args_is_help=True, rich_markup_mode=None)
@@ -110,6 +111,14 @@ def plan_table(plan: dict, built: dict | None = None) -> Table:
         (f"student {s['name']}: GFLOP per training view", f"{s['train_gflops_per_view']:.1f}", None),
         ("student epoch (one view per tile)", _hours(s["gpu_hours_per_epoch"]), None),
     ]
+    fit = s.get("fit")
+    if fit:
+        rows += [
+            (f"fit batch {fit['batch_size']} on {fit['gpus']} GPUs", f"{fit['per_gpu']:g} per GPU, "
+             f"{fit['steps_per_epoch']} steps per epoch", None),
+            (f"{fit['steps']} steps read", f"{fit['epochs']:.2f} epochs, {fit['share_of_cached_views']:.0%} of the views",
+             None),
+        ]
     for name, planned, got in rows:
         table.add_row(name, planned, *([got or "-"] if built else []))
     return table
@@ -121,8 +130,9 @@ def _print_summary(summary) -> None:
     table.add_row("teacher", summary.teacher_fingerprint)
     table.add_row("slides ok / failed", f"{summary.slides_ok} / {summary.slides_failed}")
     table.add_row("tiles / views", f"{summary.tiles} / {summary.views}")
-    table.add_row("targets written now", f"{summary.targets_written} "
-                  f"({summary.views_per_second:.1f} views/s, {summary.seconds:.1f} s)")
+    table.add_row("targets written now", f"{summary.targets_written} in the teacher pass of "
+                  f"{summary.teacher_seconds:.1f} s ({summary.views_per_second:.1f} views/s)")
+    table.add_row("whole command", f"{summary.seconds:.1f} s (with start-up and slide planning)")
     if summary.targets_written:
         table.add_row("teacher waiting for data", data_wait_text(summary.loader_wait_share))
     table.add_row("QC images", str(Path(summary.cache) / "qc"))
@@ -186,32 +196,54 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
 @app.command("verify")
 @handle_errors
 def verify(cache: Path = typer.Argument(..., help="Cache folder."),
-           recompute: int = typer.Option(0, help="Re-run the teacher on N random cached views and "
-                                         "report the largest difference."),
+           recompute: int = typer.Option(0, help="Re-run each complete teacher on N random cached views and "
+                                         "compare with the stored targets."),
+           tolerance: float = typer.Option(RECOMPUTE_TOLERANCE, help="Largest difference --recompute accepts, as a "
+                                           "share of the stored targets' largest magnitude."),
            checksums: Optional[bool] = typer.Option(None, "--checksums/--no-checksums",
-                                                    help="Read the whole cache and check every checksum "
-                                                    "(default: on, off when --recompute is given)."),
-           seed: int = typer.Option(0, help="Seed for picking the views to recompute."),
+                                                    help="Read the whole cache and check every checksum.  "
+                                                    "[default: on; off when --recompute is given]"),
+           seed: int = typer.Option(0, help="Seed for picking the views to recompute and the canaries."),
            cpu: bool = typer.Option(False, "--cpu", help="Recompute on CPU even if a GPU is present.")) -> None:
-    """Check every checksum and that counts agree, or re-run the teacher on a sample; exit 1 if anything is wrong."""
+    """Check every checksum and that counts agree, replay canary views, or re-run the teacher on a
+    sample; exit 1 if anything is wrong."""
     import torch
 
     from g2l_cache.inspect import verify_cache
 
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     full = checksums if checksums is not None else recompute == 0
-    report = verify_cache(str(cache), recompute=recompute, seed=seed, device=device, checksums=full)
+    report = verify_cache(str(cache), recompute=recompute, seed=seed, device=device, checksums=full,
+                          tolerance=tolerance)
     if full:
         console.print(f"checked {report['values_checked']} index values and "
                       f"{report['data_bytes'] / 1e9:.2f} GB of tiles and targets in {report['cache']} "
                       f"({report['mb_per_second']:.0f} MB/s)", markup=False)
         for fp, n in report["target_counts"].items():
             console.print(f"  teacher {fp}: {n} targets", markup=False)
+    canaries = report["canaries"]
+    console.print(f"canary views replayed: {canaries['checked']}, changed: {len(canaries['changed'])}", markup=False)
     if report["recompute"]:
-        for fp, r in report["recompute"].items():
-            console.print(f"  recompute {fp}: {r}", markup=False)
+        console.print(recompute_table(report["recompute"]))
     if report["problems"]:
         for p in report["problems"]:
-            console.print(f"problem: {p}", style="red", markup=False)
+            console.print(f"problem: {p}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print("cache OK", style="green")
+
+
+def recompute_table(results: dict) -> Table:
+    """One row per teacher: views recomputed, largest difference (absolute and as a share of the
+    targets' largest magnitude), min cosine, and whether that is within the tolerance."""
+    tolerance = next((r["tolerance"] for r in results.values() if "tolerance" in r), None)
+    table = Table(title="recomputed vs stored targets" + (f" (tolerance {tolerance:.0%})" if tolerance else ""))
+    for column in ("teacher", "views", "max |diff|", "relative", "min cosine", "ok"):
+        table.add_column(column, justify="left" if column == "teacher" else "right")
+    for fp, r in results.items():
+        if "views" not in r:
+            table.add_row(fp, "-", "-", "-", "-", "no")
+            continue
+        diff = max(r["max_abs_diff_embedding"], r["max_abs_diff_patch"])
+        table.add_row(fp, str(r["views"]), f"{diff:.4g}", f"{r['relative_max_diff']:.2%}", f"{r['min_cosine']:.5f}",
+                      "no" if r.get("problem") else "yes")
+    return table

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from g2l_cache.errors import G2LError
+from g2l_cache.errors import G2LError, G2LWarning
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -55,3 +56,15 @@ def handle_errors(fn):
 def data_wait_text(share: float) -> str:
     """A loop's share of time spent waiting for data, with the remedy when it is large."""
     return f"{100 * share:.1f}% of the loop" + (" — raise --num-workers" if share > 0.1 else "")
+
+
+def print_g2l_warnings() -> None:
+    """Show the library's G2LWarnings as one yellow line each, like errors (other warnings as Python does)."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, G2LWarning):
+            err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -23,10 +24,13 @@ def embed(model: str = typer.Argument(..., help="Teacher preset, student run fol
           mpp: Optional[float] = typer.Option(None, help="mpp of the tiles; they are rescaled to the model's mpp."),
           random_init: bool = typer.Option(False, "--random-init", help="Random weights (tests)."),
           weights: Optional[Path] = typer.Option(None, help="Local weights for a preset / timm model."),
-          img_size: Optional[int] = typer.Option(None, help="Model input size (default: the model's)."),
+          img_size: Optional[int] = typer.Option(None, help="Model input size.  [default: the model's]"),
           batch_size: int = typer.Option(32, help="Tiles per forward pass."),
           num_workers: int = typer.Option(0, help="DataLoader workers reading tiles."),
           seed: int = typer.Option(0, help="Seed for --random-init."),
+          precision: str = typer.Option("auto", help="Compute precision of a teacher preset or timm model: "
+                                        "auto (fp16 on a GPU, fp32 on a CPU), fp16, bf16 or fp32, as `cache build "
+                                        "--precision`."),
           cpu: bool = typer.Option(False, "--cpu", help="CPU even if a GPU is present.")) -> None:
     """Embed every tile of DATA with MODEL into one Parquet row each (cached: re-runs are free)."""
     import torch
@@ -35,7 +39,8 @@ def embed(model: str = typer.Argument(..., help="Teacher preset, student run fol
 
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
     tiles = load_tileset(data)
-    net = load_embedding_model(model, random_init, str(weights) if weights else None, img_size, device, seed)
+    net = load_embedding_model(model, random_init, str(weights) if weights else None, img_size, device, seed,
+                               precision)
     wrote = embed_tileset(net, tiles, out, mpp, batch_size, num_workers)
     console.print(f"{'wrote' if wrote else 'up to date (cached)'}: {out} "
                   f"({tiles.table.height} tiles, model {net.name})")
@@ -51,14 +56,21 @@ def compare(embeddings: list[Path] = typer.Argument(..., help="Files written by 
             seed: int = typer.Option(0, help="Seed for splits and bootstrap."),
             map_method: str = typer.Option("auto", "--map", help="2-D map: auto (UMAP if installed), umap or pca."),
             apd_iterations: int = typer.Option(20, help="Replicates of PathoROB's APD probe sweep (20 as "
-                                               "PathoROB; 0 skips APD). Run only on 2-centre x 2-class sets.")) -> None:
+                                               "PathoROB; 0 skips APD). Run only on 2-centre x 2-class sets."),
+            reference: Optional[str] = typer.Option(None, help="The model every *_vs_ row (CKA, 10-NN overlap) is "
+                                                    "measured against: an embedding file, its name without "
+                                                    ".parquet, or the model name it was embedded with (a shell glob "
+                                                    "sorts files by name).  [default: the first file given]")) -> None:
     """kNN, linear probe (with 95% CIs), CKA and robustness (RI, its curve over k, MaRI, APD) per model;
     report.md, metrics.csv, PNGs."""
     import polars as pl
 
     from g2l_student.evaluation.compare import compare as run_compare
 
-    metrics = run_compare([str(e) for e in embeddings], out, k, bootstrap, seed, map_method, apd_iterations)
+    metrics = run_compare([str(e) for e in embeddings], out, k, bootstrap, seed, map_method, apd_iterations,
+                          reference)
+    for task, path in json.loads((Path(out) / "references.json").read_text()).items():
+        console.print(f"{task}: *_vs_ rows are measured against {Path(path).stem} ({path})", markup=False)
     groups = {"classification": ("knn_balanced_accuracy", "linear_balanced_accuracy", "linear_auroc"),
               "robustness to centres": ("ri", "mari", "apd", "ri_ratio"), "similarity": ("_vs_",)}
     labels = {"knn_balanced_accuracy": "kNN bal.acc", "linear_balanced_accuracy": "lin bal.acc",

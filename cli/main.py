@@ -13,6 +13,9 @@ if not logging.getLogger().hasHandlers():
     logging.getLogger().addHandler(logging.NullHandler())
 
 from cli import cache_cmds, demo_cmds, eval_cmds, student_cmds  # noqa: E402
+from cli.common import print_g2l_warnings  # noqa: E402
+
+print_g2l_warnings()
 
 app = typer.Typer(help="g2l: distil a giga-scale pathology foundation model into a cancer-specific "
                   "ViT-L student (G2L). Stage one: `g2l cache build`; stage two: `g2l student fit`.",

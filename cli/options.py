@@ -15,7 +15,7 @@ import typer
 
 from cli.common import load_toml
 from g2l_cache.errors import G2LError
-from g2l_cache.options import flag_name, option_fields, shown_default
+from g2l_cache.options import flag_name, option_fields, option_help, shown_default
 
 
 def _base_type(hint) -> type:
@@ -26,14 +26,16 @@ def _base_type(hint) -> type:
     return typing.get_origin(hint) or hint
 
 
-def option_parameters(cls) -> list[inspect.Parameter]:
-    """One typer parameter per option field of `cls`; every default is None ("not given")."""
+def option_parameters(cls, command: str | None = None) -> list[inspect.Parameter]:
+    """One typer parameter per option field `command` offers of `cls`; every default is None ("not
+    given"), the field's default is shown as typer shows defaults: [default: X]."""
     hints = typing.get_type_hints(cls)
     params = []
-    for f in option_fields(cls):
+    for f in option_fields(cls, command):
         meta, base = f.metadata, _base_type(hints[f.name])
         default = shown_default(f)
-        text = meta["help"] + (f" (default: {default})" if default else "")
+        # written as typer writes the defaults of the other commands' options
+        text = option_help(f, command) + (f"  [default: {default}]" if default else "")
         if meta["kind"] == "arguments":
             info, annotation = typer.Argument(None, help=text, show_default=False), Optional[list[Path]]
         elif meta["kind"] == "argument":
@@ -87,8 +89,15 @@ def parse_set(items: list[str] | None, section: str) -> dict:
 def given_values(cls, kwargs: dict, section: str, config: Path | None, sets: list[str] | None,
                  also_reads: tuple[str, ...] = ()) -> dict:
     """Defaults left to the dataclass; the TOML file (tables `also_reads`, then `section`), then
-    --set, then the options given on top."""
+    --set, then the options given on top. An option given on the command line also clears what the
+    file or --set gave for the options it excludes (`cls.EXCLUSIVE`: a CLI --steps clears the
+    file's epochs); two excluding options both on the command line stay, for the config to refuse."""
     values = {**load_toml(config, (*also_reads, section)), **parse_set(sets, section)}
+    given = {name for name, value in kwargs.items() if value is not None and value != []}
+    for group in getattr(cls, "EXCLUSIVE", ()):
+        for name in given & set(group):
+            for other in set(group) - given:
+                values.pop(other, None)
     kinds = {f.name: f.metadata["kind"] for f in option_fields(cls)}
     for name, value in kwargs.items():
         if value is None or (kinds.get(name) in ("arguments", "repeat") and not value):
@@ -124,7 +133,7 @@ def config_command(cls, section: str, run: Callable[[dict], None], doc: str,
         config, sets = kwargs.pop("config"), kwargs.pop("set_")
         run(given_values(cls, kwargs, section, config, sets, also_reads))
 
-    command.__signature__ = inspect.Signature(option_parameters(cls) + extra)
+    command.__signature__ = inspect.Signature(option_parameters(cls, section) + extra)
     command.__doc__ = doc
     return command
 
@@ -141,13 +150,16 @@ def options_document() -> str:
         "Generated from the config dataclasses (`python -m cli.options > docs/options.md`); a test fails",
         "when this file is stale. Every option is also a key of a `--config` TOML file (in a `[build]`,",
         "`[plan]` or `[fit]` table, or at the top level) and can be set with `--set KEY=VALUE`; values given",
-        "on the command line win over `--set`, which wins over the file, which wins over the defaults.", "",
-        options_markdown(BuildConfig, "g2l cache build"),
+        "on the command line win over `--set`, which wins over the file, which wins over the defaults. An",
+        "option given on the command line also clears the file's value of an option it excludes (`--steps`",
+        "clears `epochs`, `--random-init` clears `student_weights` / `teacher_weights`).", "",
+        options_markdown(BuildConfig, "g2l cache build", "build"),
         "## g2l cache plan", "",
-        "Every option of `g2l cache build` (the same settings give the same tiles), plus the costing:", "",
-        options_markdown(PlanConfig, "g2l cache plan", only=set(PlanConfig.__dataclass_fields__)
-                         - set(BuildConfig.__dataclass_fields__)).split("\n", 2)[2],
-        options_markdown(FitConfig, "g2l student fit"),
+        "The options of `g2l cache build` that decide the tiles (the same settings give the same tiles), plus",
+        "the costing. A config file's `[build]` table is read too; its build-only keys (teacher weights,",
+        "precision, batch size, ...) are ignored by the plan.", "",
+        options_markdown(PlanConfig, "g2l cache plan", "plan").split("\n", 2)[2],
+        options_markdown(FitConfig, "g2l student fit", "fit"),
     ])
 
 

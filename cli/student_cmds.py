@@ -23,12 +23,14 @@ def _fit(values: dict) -> None:
     cfg = FitConfig.for_resume(values) if values.get("resume") else FitConfig.from_dict(values)
     result = run_fit(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"run {result.run}: {result.steps} steps ({result.stopped}), final loss "
-                      f"{result.final_loss if result.final_loss is None else round(result.final_loss, 4)}")
+        why = {"steps": "finished", "early-stop": "early stop"}.get(result.stopped, result.stopped)
+        console.print(f"run {result.run}: {result.steps} steps ({why}), final loss "
+                      f"{result.final_loss if result.final_loss is None else round(result.final_loss, 4)}",
+                      soft_wrap=True, markup=False)
         console.print(f"speed: {result.steps_per_second:.2f} steps/s; waiting for data "
                       f"{data_wait_text(result.data_wait_share)}")
         _print_fidelity(result.fidelity)
-        console.print(f"exported student: {result.export}")
+        console.print(f"exported student: {result.export}", soft_wrap=True, markup=False)
 
 
 def _fit_command():
@@ -71,7 +73,7 @@ def _print_fidelity(data: dict) -> None:
 @app.command("export")
 @handle_errors
 def export(run: Path = typer.Argument(..., help="Run folder."),
-           checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the last)."),
+           checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint folder.  [default: the last]"),
            evaluation: Optional[list[Path]] = typer.Option(None, help="A `g2l eval compare` report folder "
                                                            "that embedded this export (repeatable): its rows "
                                                            "go into the model card.")) -> None:

@@ -12,20 +12,25 @@ The build runs in three phases on each rank:
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from g2l_cache.canary import CANARY_SAMPLE, changed_views_message
 from g2l_cache.distributed import DistContext
+from g2l_cache.environment import library_versions
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CACHE_FORMAT, SCHEMA_VERSION, CacheLayout, now_iso, read_manifest, write_manifest
-from g2l_cache.slides import SlideSpec, discover_slides, worker_count_hint
-from g2l_cache.store import BackgroundWriter, ShardWriter, encode_targets
+from g2l_cache.slides import SlideSpec, discover_slides, file_fingerprint, same_slide_file, worker_count_hint
+from g2l_cache.store import BackgroundWriter, ShardWriter, canary_key, encode_targets
 from g2l_cache.options import option
-from g2l_cache.teachers import PRESET_NAMES, Teacher, TeacherSpec, load_teacher
+from g2l_cache.teachers import DEFAULT_PRECISION, PRECISIONS, PRESET_NAMES, Teacher, TeacherSpec, load_teacher
 from g2l_cache.tile_codec import TILE_FORMATS
 from g2l_cache.tiling import TilingConfig
 from g2l_cache.timing import BatchClock, timed_iter
@@ -40,16 +45,32 @@ DEFAULT_SHARDS = 64  # fixed at creation; ranks take shards round-robin, so up t
 class BuildConfig:
     """Every option of `g2l cache build`: its default, help and group are written here only."""
 
-    out: str = option(help="Cache folder (created, resumed, or extended).", group="input and output", short="-o")
+    # Options that exclude each other: one given on the command line clears the others from a config file.
+    EXCLUSIVE: ClassVar[tuple[tuple[str, ...], ...]] = (("teacher_weights", "random_init"),)
+
+    out: str = option(help="Cache folder (created, resumed, or extended).", group="input and output", short="-o",
+                      help_in={"plan": "Cache folder to plan into: tissue detection and tile choice are stored "
+                               "there with plan.json, and a later `g2l cache build` with the same --out starts "
+                               "from them."})
     teacher: str = option(help=f"Teacher preset ({', '.join(PRESET_NAMES)}) or any timm model name.",
-                          group="teacher")
+                          group="teacher", help_in={"plan": f"Teacher preset ({', '.join(PRESET_NAMES)}) or any "
+                                                    "timm model name, whose FLOPs and target size are costed "
+                                                    "(no weights are loaded)."})
     slides: list[str] = option(default_factory=list, kind="arguments", group="input and output",
                                help="Slide files, folders of slides, or a CSV with a 'path' column (optional "
-                               "'slide_id', 'mpp'). May be omitted when resuming or adding a teacher.")
+                               "'slide_id', 'mpp'). May be omitted when resuming or adding a teacher.",
+                               help_in={"plan": "Slide files, folders of slides, or a CSV with a 'path' column "
+                                        "(optional 'slide_id', 'mpp'). May be omitted to re-plan the slides "
+                                        "the cache knows."})
     recursive: bool = option(False, group="input and output", help="Search slide folders recursively.")
-    teacher_weights: str | None = option(None, group="teacher",
+    teacher_weights: str | None = option(None, group="teacher", commands=("build",),
                                          help="Local weights (.safetensors) instead of the hub.")
-    random_init: bool = option(False, group="teacher", help="Random teacher weights (tests, demo).")
+    random_init: bool = option(False, group="teacher", commands=("build",),
+                               help="Random teacher weights (tests, demo).")
+    precision: str = option(DEFAULT_PRECISION, group="teacher", commands=("build",),
+                            help=f"Compute precision of the teacher: {', '.join(PRECISIONS)} (autocast; part of "
+                            "the teacher's fingerprint, so targets of two precisions never mix). auto: fp16 on a "
+                            "GPU (as fast as bf16 there, 8x closer to fp32), fp32 on a CPU (where fp16 is emulated).")
     mpp: float = option(0.5, group="tiling", help="Microns per pixel the tiles are read at.")
     mpp_override: float | None = option(None, group="tiling",
                                         help="Level-0 mpp to use for every slide, whatever its metadata "
@@ -67,12 +88,16 @@ class BuildConfig:
     shards: int = option(DEFAULT_SHARDS, group="encoding",
                          help="Shards of a new cache: processes take them round-robin, so up to this "
                          "many share a build.")
-    batch_size: int = option(32, group="runtime", help="Views per teacher batch.")
+    batch_size: int = option(32, group="runtime", commands=("build",), help="Views per teacher batch.")
     num_workers: int = option(default_factory=worker_count_hint, group="runtime",
                               default_text="cores per process - 1, at most 8",
-                              help="DataLoader workers reading, encoding and augmenting tiles.")
-    strict: bool = option(False, group="runtime", help="Exit non-zero if any slide failed.")
-    cpu: bool = option(False, group="runtime", help="Run on CPU even if a GPU is present.")
+                              help="DataLoader workers reading, encoding and augmenting tiles.",
+                              help_in={"plan": "Worker processes detecting tissue, one slide each."})
+    strict: bool = option(False, group="runtime", commands=("build",), help="Exit non-zero if any slide failed.")
+    accept_changed_views: bool = option(False, group="runtime", commands=("build",),
+                                        help="Go on when stored tiles now decode into other views than the "
+                                        "teacher saw (a Pillow / libjpeg / numpy upgrade); refused by default.")
+    cpu: bool = option(False, group="runtime", commands=("build",), help="Run on CPU even if a GPU is present.")
     progress: bool = option(True, group="runtime", help="Progress bars (--no-progress for logs and CI).")
 
     def __post_init__(self) -> None:
@@ -107,7 +132,7 @@ class BuildConfig:
                                   "quality": self.jpeg_quality if self.tile_format == "jpeg" else None}}
 
     def teacher_spec(self) -> TeacherSpec:
-        return TeacherSpec(self.teacher, self.teacher_weights, self.random_init, self.seed)
+        return TeacherSpec(self.teacher, self.teacher_weights, self.random_init, self.seed, self.precision)
 
 
 @dataclass
@@ -124,13 +149,15 @@ class BuildSummary:
     targets_written: int
     seconds: float
     shards: list[int]
+    teacher_seconds: float = 0.0  # this rank's teacher pass (what `cache info` sums over processes)
     steady_views_per_second: float = 0.0  # this rank, after warm-up (BatchClock.steady_rate)
     loader_wait_seconds: float = 0.0  # this rank: time the teacher loop waited for its loader
     loader_wait_share: float = 0.0  # of the teacher loop after its first batch (start-up left out)
 
     @property
     def views_per_second(self) -> float:
-        return self.targets_written / self.seconds if self.seconds > 0 else 0.0
+        """Targets written per second of the teacher pass (slide planning and start-up left out)."""
+        return self.targets_written / self.teacher_seconds if self.teacher_seconds > 0 else 0.0
 
     def succeeded(self, strict: bool) -> bool:
         """At least one slide is cached, and with `strict` none failed (the CLI's exit status)."""
@@ -159,7 +186,7 @@ def prepare_cache(cfg: BuildConfig) -> dict:
         raise G2LError(f"--out {layout.root} exists and is not a g2l cache; choose a new or empty folder.")
     layout.root.mkdir(parents=True, exist_ok=True)
     manifest = {"format": CACHE_FORMAT, "schema_version": SCHEMA_VERSION, "created": now_iso(),
-                "status": "building", "settings": cfg.settings(),
+                "status": "building", "settings": cfg.settings(), "view_versions": library_versions(),
                 "n_shards": cfg.shards, "teachers": {}, "slide_inputs": [],
                 "counts": {}, "shards": []}
     write_manifest(layout.root, manifest)
@@ -175,6 +202,34 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: cache has {a!r}, asked {b!r}")
     return out
+
+
+# What a teacher's targets depend on besides its name (manifest keys), for naming what differs.
+TEACHER_SETTINGS = ("precision", "weights_digest", "arch", "model_args", "mean", "std", "input_size", "embedding")
+
+
+def refuse_mixed_targets(root: Path, manifest: dict, info: dict) -> None:
+    """Refuse to start a teacher's targets beside another fingerprint's unfinished targets of the same
+    teacher: a resume on other hardware, with --cpu or another --precision would otherwise leave the
+    cache with two half sets. Names both and what differs."""
+    for other_fp, other in manifest.get("teachers", {}).items():
+        if other_fp == info["fingerprint"] or other.get("complete") or other["spec"]["name"] != info["spec"]["name"]:
+            continue
+        differ = [f"{k}: {_setting(other, k)} there, {_setting(info, k)} here" for k in TEACHER_SETTINGS
+                  if _setting(other, k) != _setting(info, k)]
+        views = manifest.get("counts", {}).get("views", "?")
+        raise G2LError(
+            f"{root} holds unfinished targets of teacher {info['spec']['name']} with fingerprint {other_fp} "
+            f"({other.get('n_targets', 0)} of {views} views); this build computes fingerprint {info['fingerprint']} "
+            f"({'; '.join(differ) or 'other settings'}). Targets of two fingerprints never mix: finish {other_fp} "
+            f"with its settings (e.g. --precision {other.get('precision') or other['spec'].get('precision', 'bf16')}), "
+            "or build into a new --out folder.")
+
+
+def _setting(info: dict, key: str):
+    if key == "precision" and "precision" not in info:
+        return "not recorded (a cache from before --precision: bf16 on GPUs, fp32 on CPUs)"
+    return info.get(key)
 
 
 def _slide_specs(cfg: BuildConfig, manifest: dict) -> list[SlideSpec]:
@@ -230,6 +285,13 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     if teacher is None:
         teacher = load_teacher(cfg.teacher_spec(), img_size=cfg.crop_size, device=dist.device)
     fp = teacher.fingerprint()
+    refuse_mixed_targets(layout.root, manifest, teacher.info())
+    if dist.is_main and fp not in manifest["teachers"]:
+        # Registered before any target is written: a build killed before it finalises still tells
+        # the next one which teacher its targets belong to.
+        manifest["teachers"][fp] = {**teacher.info(), "n_targets": 0, "complete": False}
+        write_manifest(layout.root, manifest)
+    dist.barrier()
 
     writers = _Writers(layout)
     mine = set(my_shards)
@@ -251,7 +313,8 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     written = dist.all_sum(written)
     teacher_pass = {"finished": now_iso(), "device_seconds": spent_ms / 1000,
                     "wall_seconds": embed_seconds, "processes": dist.world_size,
-                    "device": device_label(dist.device), "views": written} if written else None
+                    "device": device_label(dist.device), "views": written,
+                    "versions": library_versions()} if written else None
     dist.barrier()
     if dist.is_main:
         finalise_cache(layout, specs, teacher.info(), dist.world_size, teacher_pass)
@@ -261,7 +324,7 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     all_failed = {s["slide_id"]: s["error"] for s in _failed_slides(layout)}
     return BuildSummary(str(layout.root), fp, counts["slides_ok"], counts["slides_failed"],
                         all_failed, counts["tiles"], counts["views"], written,
-                        time.time() - started, my_shards, clock.steady_rate(), clock.waited,
+                        time.time() - started, my_shards, embed_seconds, clock.steady_rate(), clock.waited,
                         clock.wait_share())
 
 
@@ -302,14 +365,30 @@ def _identity(x):
 def _plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list[dict]:
     """Phase 1: plan every slide not planned yet; return the ok slide records in a fixed order."""
     records: dict[str, dict] = {}
-    todo = []
+    todo, to_identify = [], []
     for spec in specs:
-        rec = writers[shard_of(spec.slide_id, n_shards)].record(spec.slide_id)
-        if rec is not None and rec["status"] == "ok" and rec["path"] == spec.path:
+        writer = writers[shard_of(spec.slide_id, n_shards)]
+        rec = writer.record(spec.slide_id)
+        if rec is None or rec["status"] != "ok" or rec.get("mpp_override") != spec.mpp_override:
+            todo.append(spec)
+        elif rec["path"] == spec.path and (_unchanged(rec, spec.path) or not os.path.exists(spec.path)):
+            # unchanged, or gone: the stored tiles serve (e.g. adding a teacher after the slides were deleted)
             records[spec.slide_id] = rec
             progress.slide_planned(spec.slide_id)
         else:
+            to_identify.append((spec, rec, writer))
+    # A slide at a new path (a moved or copied folder) or with a new mtime is the planned slide when
+    # its content identity is: its record follows it and nothing is recomputed.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        same = list(pool.map(lambda item: same_slide_file(item[1].get("file"), item[0].path), to_identify))
+    for (spec, rec, writer), is_same in zip(to_identify, same):
+        if not is_same:
             todo.append(spec)
+            continue
+        rec = dict(rec, path=spec.path, file=file_fingerprint(spec.path))
+        writer.put_record(rec)
+        records[spec.slide_id] = rec
+        progress.slide_planned(spec.slide_id)
     if todo:
         dataset = PlanDataset(todo, cfg.tiling(), cfg.seed, str(layout.root), cfg.policy(), cfg.views)
         for rec in _loader(dataset, cfg, pin=False):
@@ -324,6 +403,16 @@ def _plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> lis
                 failed[rec["slide_id"]] = rec["error"]
                 progress.slide_done(rec["slide_id"], ok=False, error=rec["error"])
     return [records[s.slide_id] for s in specs if s.slide_id in records]
+
+
+def _unchanged(record: dict, path: str) -> bool:
+    """The file at its recorded path still has its recorded size and mtime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    recorded = record.get("file") or {}
+    return st.st_size == recorded.get("size") and st.st_mtime == recorded.get("mtime")
 
 
 def _missing_chunks(rec: dict, done: np.ndarray, batch_size: int) -> list[tuple]:
@@ -358,6 +447,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
     by_id = {r["slide_id"]: r for r in records}
     dataset = ChunkDataset(chunks, str(layout.root), cfg.tiling(), cfg.policy(), cfg.views,
                            cfg.seed, cfg.tile_format, cfg.jpeg_quality)
+    _check_stored_canaries(cfg, layout, records, writers, dataset)
     bg = BackgroundWriter()
     written = 0
 
@@ -373,7 +463,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
         batch_ms = round((time.monotonic() - started) * 1000) - charged_ms
         charged_ms += batch_ms
         bg.put(writers[rec["shard"]].commit, rec["slide_id"], rec["row_start"], rec["n_views"], fp,
-               item["indices"], rows, item["new_tiles"], (device, batch_ms))
+               item["indices"], rows, item["new_tiles"], (device, batch_ms), item["canary"])
         progress.views_done(len(item["indices"]))
         remaining[item["slide_id"]] -= 1
         if remaining[item["slide_id"]] == 0:
@@ -405,6 +495,25 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
         bg.close()
         clock.finished()
     return written
+
+
+def _check_stored_canaries(cfg: BuildConfig, layout: CacheLayout, records: list[dict], writers,
+                           dataset: ChunkDataset, n: int = CANARY_SAMPLE) -> None:
+    """Before any target is computed: the canary views of up to `n` of these slides, made again from
+    their stored tiles, must equal what the teacher saw when they were cached (or --accept-changed-views)."""
+    stored = [(rec, writers[rec["shard"]].get(canary_key(rec["slide_id"]))) for rec in records]
+    stored = [(rec, digest.decode()) for rec, digest in stored if digest is not None]
+    if len(stored) > n:
+        picks = np.random.default_rng([cfg.seed, 17]).choice(len(stored), n, replace=False)
+        stored = [stored[i] for i in sorted(picks)]
+    changed = []
+    for rec, digest in stored:
+        item = dataset.item((rec["shard"], rec["slide_id"], 0, 1, None))
+        if item["error"] is None and not item["new_tiles"] and item["canary"] != digest:
+            changed.append(rec["slide_id"])
+    if changed and not cfg.accept_changed_views:
+        raise G2LError(changed_views_message(layout.root, changed, len(stored),
+                                             read_manifest(layout.root).get("view_versions")))
 
 
 class _InFlight:
@@ -452,7 +561,7 @@ def config_from_dict(values: dict, cls: type = BuildConfig) -> BuildConfig:
 
     Options left out take the existing cache's tiling/view settings when `out` is a cache, so
     resuming or adding a teacher needs neither the slides nor those options again."""
-    known = set(cls.__dataclass_fields__)
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         command = "plan" if cls is not BuildConfig else "build"

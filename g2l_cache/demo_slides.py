@@ -38,10 +38,12 @@ CENTRES: tuple[CentreStyle, ...] = (
 
 def source_he_image() -> np.ndarray:
     """The 1000x1000 RGB H&E image shipped inside tiatoolbox."""
-    import tiatoolbox
+    from importlib.util import find_spec
+
     from PIL import Image
 
-    path = Path(tiatoolbox.__file__).parent / "data" / "target_image.png"
+    spec = find_spec("tiatoolbox")  # its file only: importing it would set up its logging
+    path = Path(spec.origin if spec and spec.origin else "tiatoolbox/__init__.py").parent / "data" / "target_image.png"
     if not path.exists():
         raise G2LError(f"tiatoolbox's sample image is missing at {path}; reinstall tiatoolbox.")
     return np.asarray(Image.open(path).convert("RGB"))

@@ -3,3 +3,7 @@
 
 class G2LError(Exception):
     """A problem the user can fix; the message says what was wrong and what to do."""
+
+
+class G2LWarning(UserWarning):
+    """Something the user should know before the run goes on (the message says what to do)."""

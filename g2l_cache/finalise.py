@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from g2l_cache.environment import library_versions
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest, write_manifest
 from g2l_cache.slides import SlideSpec
 from g2l_cache.store import (META_GENERATION, TLOC_DTYPE, bits_from_bytes, close_env, done_key, get_value,
@@ -81,7 +82,7 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
         entry = teachers[teacher_info["fingerprint"]]
         entry["ledger"] = [*entry.get("ledger", []), teacher_pass]
 
-    envs, records, shard_states = {}, [], []
+    envs, records, shard_states, canaries = {}, [], [], {}
     spent: dict[str, dict[str, dict[str, float]]] = {}  # teacher -> device -> time and views committed
     for shard in range(manifest["n_shards"]):
         path = layout.shard(shard)
@@ -91,6 +92,11 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
             env = envs[shard] = shared_env(path)
             shard_recs = [json.loads(unpack(v, k)) for k, v in iter_prefix(env, b"slide/")]
             records += shard_recs
+            ok_here = {r["slide_id"] for r in shard_recs if r["status"] == "ok"}
+            for key, value in iter_prefix(env, b"canary/"):
+                slide_id = bytes(key).decode().split("/", 1)[1]
+                if slide_id in ok_here:
+                    canaries[slide_id] = unpack(value, key).decode()
             for fp, devices in read_spent(env).items():
                 for device, cost in devices.items():
                     total = spent.setdefault(fp, {}).setdefault(device, {"device_seconds": 0.0, "views": 0})
@@ -124,7 +130,9 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
     manifest.update(
         status="complete" if teachers[teacher_info["fingerprint"]]["complete"] else "partial",
         teachers=teachers, shards=shard_states, last_world_size=world_size,
-        slide_inputs=merged_slide_inputs(manifest, specs), counts=counts)
+        slide_inputs=merged_slide_inputs(manifest, specs), counts=counts, canaries=canaries)
+    # a cache made before view versions were recorded: the libraries of its first finalise since
+    manifest.setdefault("view_versions", library_versions())
     write_manifest(layout.root, manifest)
     return manifest
 

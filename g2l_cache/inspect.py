@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from g2l_cache.canary import check_canaries
+from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.plan import read_plan
 from g2l_cache.reader import CacheReader
@@ -69,10 +71,19 @@ def cache_info(root: str) -> dict:
             "settings": manifest["settings"], "plan": read_plan(layout.root)}
 
 
+# `cache verify --recompute`: recomputed targets may differ from the stored ones by this share of the
+# stored targets' largest magnitude. The stored fp16 rows round at 2^-11 of it; a teacher computed in
+# bf16 differs from fp32 by under 1% (a ViT-S measured 0.9%), and from bf16 on another device by about
+# as much; wrong weights, preprocessing or views differ by tens of percent.
+RECOMPUTE_TOLERANCE = 0.02
+
+
 def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cpu",
-                 teachers: dict | None = None, checksums: bool = True) -> dict:
-    """Check every checksum (index values, tile bytes, target rows) and that every view of a complete
-    teacher has its target; optionally re-run the teachers on `recompute` random views.
+                 teachers: dict | None = None, checksums: bool = True,
+                 tolerance: float = RECOMPUTE_TOLERANCE) -> dict:
+    """Check every checksum (index values, tile bytes, target rows), that every view of a complete
+    teacher has its target, and that canary views replay as the teacher saw them; optionally re-run
+    the teachers on `recompute` random views (a difference beyond `tolerance` is a problem).
 
     `checksums=False` skips the full pass (reading the whole cache) and only recomputes.
     `teachers`: ready Teacher objects by fingerprint for the recompute (else rebuilt from their specs)."""
@@ -81,7 +92,12 @@ def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cp
     started = time.perf_counter()
     report = {"cache": str(reader.layout.root), "values_checked": 0, "problems": [],
               "target_counts": {}, "data_bytes": 0, "seconds": 0.0, "mb_per_second": 0.0,
-              "recompute": None}
+              "recompute": None, "canaries": None}
+    canaries = check_canaries(reader, seed=seed, remedy="Install the versions the cache recorded "
+                              "(`g2l cache info --json`: view_versions), or rebuild the cache")
+    report["canaries"] = {"checked": canaries.checked, "changed": canaries.changed}
+    if not canaries.ok:
+        report["problems"].append(canaries.message)
     if checksums:
         views = reader.view_index
         # Views are ordered by slide, so each slide's views are one range of the index.
@@ -104,7 +120,9 @@ def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cp
         report["seconds"] = time.perf_counter() - started
         report["mb_per_second"] = report["data_bytes"] / 1e6 / max(report["seconds"], 1e-9)
     if recompute > 0 and reader.n_views:
-        report["recompute"] = _recompute(reader, recompute, seed, device, teachers or {})
+        report["recompute"] = _recompute(reader, recompute, seed, device, teachers or {}, tolerance)
+        report["problems"] += [f"recompute {fp}: {r['problem']}" for fp, r in report["recompute"].items()
+                               if r.get("problem")]
     return report
 
 
@@ -233,8 +251,9 @@ def _check_targets(layout: CacheLayout, shard: int, fp: str, info: dict, views: 
     return total, problems
 
 
-def _recompute(reader: CacheReader, n: int, seed: int, device: str, ready: dict) -> dict:
-    """Re-run each complete teacher on n random cached views; report the largest differences."""
+def _recompute(reader: CacheReader, n: int, seed: int, device: str, ready: dict, tolerance: float) -> dict:
+    """Re-run each complete teacher on n random cached views; the largest differences, and a problem
+    when they exceed `tolerance` or the teacher cannot be rebuilt to its fingerprint."""
     from g2l_cache.teachers import TeacherSpec, load_teacher
 
     rng = np.random.default_rng(seed)
@@ -244,12 +263,24 @@ def _recompute(reader: CacheReader, n: int, seed: int, device: str, ready: dict)
     for fp, info in reader.manifest["teachers"].items():
         if not info.get("complete"):
             continue
-        teacher = ready.get(fp) or load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"],
-                                                device=device)
-        if teacher.fingerprint() != fp:
-            out[fp] = {"error": "rebuilt teacher has another fingerprint (weights changed?)"}
+        try:
+            teacher = ready.get(fp) or load_teacher(TeacherSpec.from_record(info["spec"]),
+                                                    img_size=info["input_size"], device=device)
+        except G2LError as exc:
+            out[fp] = {"problem": f"the teacher could not be rebuilt: {exc}"}
             continue
-        out[fp] = compare_targets(reader, fp, picks, *teacher.embed(x))
+        if teacher.fingerprint() != fp:
+            out[fp] = {"problem": f"the rebuilt teacher has fingerprint {teacher.fingerprint()}, not {fp}: its "
+                       "weights, arguments, preprocessing or precision are not those of the cached targets "
+                       "(a changed weights file, or a cache from an older g2l whose fingerprint covered less)."}
+            continue
+        result = compare_targets(reader, fp, picks, *teacher.embed(x))
+        result["tolerance"] = tolerance
+        if result["relative_max_diff"] > tolerance:
+            result["problem"] = (f"recomputed targets differ from the stored ones by {result['relative_max_diff']:.2%} "
+                                 f"of their largest magnitude (tolerance {tolerance:.0%}; min cosine "
+                                 f"{result['min_cosine']:.4f}).")
+        out[fp] = result
     return out
 
 
@@ -261,6 +292,8 @@ def compare_targets(reader: CacheReader, fp: str, views: np.ndarray, emb: torch.
     s_patch = torch.from_numpy(np.stack([s[1] for s in stored]).astype(np.float32))
     emb, patch = emb.float().cpu(), patch.float().cpu()
     cos = torch.nn.functional.cosine_similarity(emb, s_emb, dim=1)
+    max_diff = max(float((emb - s_emb).abs().max()), float((patch - s_patch).abs().max()))
+    scale = max(float(s_emb.abs().max()), float(s_patch.abs().max()), 1e-12)
     return {"views": len(views), "max_abs_diff_embedding": float((emb - s_emb).abs().max()),
             "max_abs_diff_patch": float((patch - s_patch).abs().max()),
-            "min_cosine": float(cos.min())}
+            "relative_max_diff": max_diff / scale, "min_cosine": float(cos.min())}

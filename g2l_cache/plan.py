@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,18 +44,26 @@ class PlanConfig(BuildConfig):
     student_img_size: int = option(224, group="costing", help="The student's input size (the fit's --img-size).")
     sample_tiles: int = option(64, group="costing",
                                help="Real tiles read and encoded to measure the stored bytes per tile.")
+    fit_batch_size: int = option(32, group="costing", help="The fit's --batch-size: the global batch, split "
+                                 "over --fit-gpus (the G2L paper: 32).")
+    fit_gpus: int = option(8, group="costing", help="GPUs the student fit will run on.")
+    fit_steps: int | None = option(None, group="costing", default_text="one epoch",
+                                   help="The fit's --steps, to tell what share of the cached views it will read.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.sample_tiles < 1:
-            raise G2LError("--sample-tiles must be at least 1.")
+        for name in ("sample_tiles", "fit_batch_size", "fit_gpus"):
+            if getattr(self, name) < 1:
+                raise G2LError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.fit_steps is not None and self.fit_steps < 1:
+            raise G2LError("--fit-steps must be at least 1.")
         if self.views_per_second is not None and self.views_per_second <= 0:
             raise G2LError("--views-per-second must be positive.")
         gpu_peak_tflops(self.gpu)  # an unknown GPU is refused before any slide is read
 
     def build_config(self) -> BuildConfig:
         """The BuildConfig whose settings this plan shares."""
-        return BuildConfig(**{k: getattr(self, k) for k in BuildConfig.__dataclass_fields__})
+        return BuildConfig(**{f.name: getattr(self, f.name) for f in fields(BuildConfig)})
 
 
 def measure_tile_bytes(cfg: BuildConfig, records: list[dict], n: int, tile_table) -> tuple[float, int]:
@@ -151,9 +159,21 @@ def estimate(cfg: PlanConfig, records: list[dict], failed: dict[str, str], tile_
                     "rate_from": rate_source, "gpu_hours": views / teacher_rate / 3600},
         "student": {"name": cfg.student, "train_gflops_per_view": student_flops / 1e9,
                     "views_per_epoch": tiles, "views_per_second": student_rate,
-                    "gpu_hours_per_epoch": tiles / student_rate / 3600},
+                    "gpu_hours_per_epoch": tiles / student_rate / 3600,
+                    "fit": fit_reading(cfg.fit_batch_size, cfg.fit_gpus, cfg.fit_steps, tiles, views)},
         "gpu": cfg.gpu,
     }
+
+
+def fit_reading(batch_size: int, gpus: int, steps: int | None, tiles: int, views: int) -> dict:
+    """What a fit with this global batch on `gpus` reads of the cache: per-GPU batch, steps per epoch
+    (one view per tile), and for `steps` (default one epoch) the epochs and share of the cached views."""
+    steps_per_epoch = tiles // batch_size
+    steps = steps or steps_per_epoch
+    read = steps * batch_size
+    return {"batch_size": batch_size, "gpus": gpus, "per_gpu": batch_size / gpus, "steps_per_epoch": steps_per_epoch,
+            "steps": steps, "views_read": read, "epochs": read / tiles if tiles else 0.0,
+            "share_of_cached_views": min(1.0, read / views) if views else 0.0}
 
 
 # slides/tiles/views Parquet + the memory-mapped index, per view: 111 bytes measured on an 8-slide

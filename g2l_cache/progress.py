@@ -65,7 +65,8 @@ class BuildProgress:
         if self.progress:
             self.progress.advance(self.views, n)
             task = self.progress.tasks[self.views]
-            speed = task.speed
+            # the mean since the teacher pass began: the figure the summary and `cache info` report
+            speed = task.completed / task.elapsed if task.elapsed else 0.0
             rate = f"{speed:.1f} views/s ({speed / self.views_per_tile:.1f} tiles/s)" if speed else ""
             self.progress.update(self.views, rate=rate)
 

@@ -101,10 +101,7 @@ class CacheReader:
         if key is None:
             complete = [t for t in teachers.values() if t.get("complete")]
             return (complete or list(teachers.values()))[0]
-        for fp, info in teachers.items():
-            if key in (fp, info["spec"]["name"]):
-                return info
-        raise G2LError(f"cache has no teacher {key!r}; it has {', '.join(teachers)}.")
+        return teachers[resolve_teacher(teachers, key)]
 
     # -- values ------------------------------------------------------------------------------
     def _fd(self, path) -> int:
@@ -160,3 +157,24 @@ class CacheReader:
         self._pid = None
         for key in ("_views", "_tiles", "_fds"):
             self.__dict__.pop(key, None)
+
+
+def resolve_teacher(teachers: dict, key: str) -> str:
+    """The fingerprint of the cached teacher `key` names (a fingerprint, or a name only one teacher has)."""
+    if key in teachers:
+        return key
+    named = [fp for fp, info in teachers.items() if info["spec"]["name"] == key]
+    if len(named) > 1:
+        listed = "; ".join(f"{fp} ({_teacher_summary(teachers[fp])})" for fp in named)
+        raise G2LError(f"the cache holds {len(named)} teachers named {key!r}: {listed}. Name one by its "
+                       "fingerprint (`g2l cache info` lists them).")
+    if not named:
+        raise G2LError(f"cache has no teacher {key!r}; it has {', '.join(teachers)}.")
+    return named[0]
+
+
+def _teacher_summary(info: dict) -> str:
+    spec = info["spec"]
+    source = spec.get("weights") or ("random init" if spec.get("random_init") else "hub weights")
+    return f"{source}, {info.get('precision') or spec.get('precision') or 'precision not recorded'}, " \
+           f"{info.get('n_targets', 0)} targets"

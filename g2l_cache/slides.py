@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from g2l_cache.errors import G2LError
+from g2l_cache.tia import import_tiatoolbox
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg",
                     ".qptiff", ".scn", ".bif", ".vms", ".vmu")
@@ -114,6 +115,7 @@ def open_slide(spec: SlideSpec) -> OpenedSlide:
     if path.is_file() and path.stat().st_size == 0:
         raise SlideError(f"slide file {path} is empty.")
     try:
+        import_tiatoolbox()
         from tiatoolbox.wsicore.wsireader import WSIReader
 
         mpp_arg = (spec.mpp_override, spec.mpp_override) if spec.mpp_override else None
@@ -133,18 +135,61 @@ def open_slide(spec: SlideSpec) -> OpenedSlide:
     return OpenedSlide(reader, mpp, source, width, height, type(reader).__name__)
 
 
+CONTENT_BLOCK = 1 << 18  # bytes hashed at each end of a slide file: header, first and last directories
+
+
 def file_fingerprint(path: str | Path) -> dict:
-    """Size and mtime of a slide file (a folder: of its newest file), to notice changed inputs."""
+    """Size, mtime and content identity of a slide file (a folder: of its files) as recorded."""
     p = Path(path)
     try:
         st = p.stat()
     except OSError:
-        return {"size": None, "mtime": None}
+        return {"size": None, "mtime": None, "content_id": None}
     if p.is_dir():
         files = [f for f in p.rglob("*") if f.is_file()]
         return {"size": sum(f.stat().st_size for f in files),
-                "mtime": max((f.stat().st_mtime for f in files), default=st.st_mtime)}
-    return {"size": st.st_size, "mtime": st.st_mtime}
+                "mtime": max((f.stat().st_mtime for f in files), default=st.st_mtime),
+                "content_id": content_id(p)}
+    return {"size": st.st_size, "mtime": st.st_mtime, "content_id": content_id(p)}
+
+
+def content_id(path: str | Path) -> str | None:
+    """What a slide is, wherever it lies: a hash of its size and its first and last 256 KiB (a folder:
+    of its files' names, sizes and first blocks). A copy or a moved file keeps it; mtime and path don't."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.blake2b(digest_size=12)
+    try:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(p) if p.is_dir() else ''}|{size}|".encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(CONTENT_BLOCK))
+                if size > 2 * CONTENT_BLOCK and not p.is_dir():
+                    fh.seek(size - CONTENT_BLOCK)
+                    h.update(fh.read(CONTENT_BLOCK))
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def same_slide_file(recorded: dict | None, path: str | Path) -> bool:
+    """Whether the file at `path` is the slide a record describes (by content identity; records made
+    before content identities compare size and mtime)."""
+    recorded = recorded or {}
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return False
+    if not p.is_dir() and recorded.get("size") is not None and st.st_size != recorded["size"]:
+        return False
+    if recorded.get("content_id"):
+        return content_id(p) == recorded["content_id"]
+    return recorded.get("size") is not None and file_fingerprint(p)["size"] == recorded["size"] \
+        and file_fingerprint(p)["mtime"] == recorded.get("mtime")
 
 
 def worker_count_hint() -> int:

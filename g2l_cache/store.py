@@ -69,6 +69,11 @@ def done_key(slide_id: str, teacher_fp: str) -> bytes:
     return f"done/{slide_id}/{teacher_fp}".encode()
 
 
+def canary_key(slide_id: str) -> bytes:
+    """Digest of the input tensor of the slide's first view, as the teacher saw it (g2l_cache.canary)."""
+    return f"canary/{slide_id}".encode()
+
+
 def spent_key(teacher_fp: str, device: str) -> bytes:
     """Teacher time and views committed to this shard on one kind of device: "milliseconds views"."""
     return f"spent/{teacher_fp}/{device}".encode()
@@ -315,6 +320,7 @@ class ShardWriter:
                     stale.append(bytes(key))
             for key in stale:
                 txn.delete(key)
+            txn.delete(canary_key(sid))  # new tiles, new first view
             txn.put(slide_key(sid), pack(json.dumps(record).encode()))
             if tiles_ipc is not None:
                 txn.put(tiles_key(sid), pack(tiles_ipc))
@@ -334,11 +340,12 @@ class ShardWriter:
 
     def commit(self, slide_id: str, row_start: int, n_views: int, teacher_fp: str,
                view_indices: np.ndarray, rows: np.ndarray, new_tiles: list[tuple[int, bytes]],
-               spent: tuple[str, int] | None = None) -> None:
+               spent: tuple[str, int] | None = None, canary: str | None = None) -> None:
         """Store one batch of one slide: target rows of views `view_indices` (from
         `encode_targets`) and the encoded bytes of tiles stored for the first time. `spent`:
         (device, whole milliseconds) the batch cost, added to the shard's ledger in the same
-        transaction, so the time of a build killed half-way is kept with the targets it paid for."""
+        transaction, so the time of a build killed half-way is kept with the targets it paid for.
+        `canary`: the digest of the slide's first view, kept from the first batch that has one."""
         fd = self._target_fd(teacher_fp)
         stride = rows.shape[1]
         view_indices = np.asarray(view_indices, dtype=np.int64)
@@ -373,6 +380,8 @@ class ShardWriter:
             bits = bits_from_bytes(self._get(txn, key), n_views)
             bits[view_indices] = True
             txn.put(key, pack(bits_to_bytes(bits)))
+            if canary is not None and txn.get(canary_key(slide_id)) is None:
+                txn.put(canary_key(slide_id), pack(canary.encode()))
             if spent is not None:
                 key = spent_key(teacher_fp, spent[0])
                 ms, views = (int(v) for v in (self._get(txn, key) or b"0 0").split())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -16,11 +16,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 EMBEDDINGS = ("cls", "cls+mean_patch")
+# The dtype the teacher computes in (autocast; weights stay fp32). "auto", the default, is fp16 on a GPU
+# and fp32 on a CPU. On tensor-core GPUs fp16 runs as fast as bf16 with 3 more mantissa bits (measured
+# on a ViT-S: 8.6x closer to fp32 than bf16), and it is what the teachers' model cards run. On a CPU
+# fp16 is emulated: 5x slower than fp32 here, and its last bits depended on the process's history
+# (two builds in one process differed in one target), so fp32 there. Targets are stored as fp16.
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+DEFAULT_PRECISION = "auto"
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Layers a published timm config cannot name in JSON (the model cards pass them to create_model).
+_LAYERS = {"timm.layers.SwiGLUPacked": ("timm.layers", "SwiGLUPacked"), "torch.nn.SiLU": ("torch.nn", "SiLU")}
+_SWIGLU = {"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
 
 
 @dataclass(frozen=True)
 class TeacherPreset:
-    """How to build one named teacher: timm architecture + kwargs, weights source, preprocessing."""
+    """How to build one named teacher: timm architecture + its published model arguments (JSON
+    values; layer classes by dotted name), weights source, preprocessing and embedding."""
 
     name: str
     arch: str
@@ -32,35 +44,31 @@ class TeacherPreset:
     embedding: str = "cls"
 
 
-def _swiglu() -> dict:
-    from timm.layers import SwiGLUPacked
-
-    return {"mlp_layer": SwiGLUPacked, "act_layer": torch.nn.SiLU}
-
-
 def _presets() -> dict[str, TeacherPreset]:
-    hopt = {"init_values": 1e-5, "dynamic_img_size": False}
+    # Each preset is the published config.json's architecture and model_args plus what its model card
+    # passes to timm.create_model; tests/fixtures/teachers/ keeps those files, and a test compares.
+    hopt = {"init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"}
     return {p.name: p for p in [
         TeacherPreset("h-optimus-0", "vit_giant_patch14_reg4_dinov2", "bioptimus/H-optimus-0",
                       hopt, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
         TeacherPreset("h-optimus-1", "vit_giant_patch14_reg4_dinov2", "bioptimus/H-optimus-1",
                       hopt, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
         TeacherPreset("h0-mini", "vit_base_patch14_reg4_dinov2", "bioptimus/H0-mini",
-                      {"init_values": 1e-5, "dynamic_img_size": True, **_swiglu()},
-                      mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
+                      {"init_values": 1e-5, "dynamic_img_size": True, "global_pool": "", "mlp_ratio": 5.33334,
+                       "reg_tokens": 4, **_SWIGLU},
+                      mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, embedding="cls+mean_patch"),
         TeacherPreset("prov-gigapath", "vit_giant_patch14_dinov2", "prov-gigapath/prov-gigapath",
-                      {"patch_size": 16, "init_values": 1e-5, "mlp_ratio": 5.33334,
-                       "embed_dim": 1536, "depth": 40, "num_heads": 24}),
+                      {"in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+                       "init_values": 1e-5, "mlp_ratio": 5.33334}),
         TeacherPreset("uni", "vit_large_patch16_224", "MahmoodLab/uni",
-                      {"init_values": 1e-5, "dynamic_img_size": True}),
+                      {"patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}),
         TeacherPreset("uni2-h", "vit_giant_patch14_224", "MahmoodLab/UNI2-h",
                       {"patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
-                       "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True,
-                       "reg_tokens": 8, "dynamic_img_size": True, **_swiglu()}),
+                       "embed_dim": 1536, "mlp_ratio": 5.33334, "no_embed_class": True,
+                       "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU}),
         TeacherPreset("virchow2", "vit_huge_patch14_224", "paige-ai/Virchow2",
-                      {"init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
-                       "reg_tokens": 4, "no_embed_class": True, "dynamic_img_size": True,
-                       **_swiglu()}, embedding="cls+mean_patch"),
+                      {"init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375, "global_pool": "",
+                       "dynamic_img_size": True, **_SWIGLU}, embedding="cls+mean_patch"),
     ]}
 
 
@@ -85,6 +93,22 @@ def get_preset(name: str) -> TeacherPreset:
                    "timm model name.")
 
 
+def model_kwargs(preset: TeacherPreset, img_size: int) -> dict:
+    """timm.create_model keyword arguments of a preset at `img_size` (layer names resolved)."""
+    import importlib
+
+    kwargs = {}
+    for key, value in preset.kwargs.items():
+        if isinstance(value, str) and value in _LAYERS:
+            module, name = _LAYERS[value]
+            value = getattr(importlib.import_module(module), name)
+        kwargs[key] = value
+    kwargs["num_classes"] = 0
+    if _accepts_img_size(preset.arch):
+        kwargs["img_size"] = img_size
+    return kwargs
+
+
 @dataclass(frozen=True)
 class TeacherSpec:
     """What the user asked for; recorded in the manifest so `cache verify` can rebuild the teacher."""
@@ -93,9 +117,26 @@ class TeacherSpec:
     weights: str | None = None
     random_init: bool = False
     init_seed: int = 0
+    precision: str = DEFAULT_PRECISION
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise G2LError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def on(self, device: torch.device | str) -> "TeacherSpec":
+        """This spec with "auto" precision resolved for `device`: fp16 on a GPU, fp32 elsewhere."""
+        if self.precision != "auto":
+            return self
+        return replace(self, precision="fp16" if torch.device(device).type == "cuda" else "fp32")
+
+    @classmethod
+    def from_record(cls, spec: dict) -> "TeacherSpec":
+        """The spec a manifest recorded (a cache from before --precision computed bf16 on GPUs, fp32
+        on CPUs; its fingerprint covers neither, so a rebuilt teacher never matches it by accident)."""
+        return cls(**{k: v for k, v in spec.items() if k in cls.__dataclass_fields__})
 
 
 class Teacher(torch.nn.Module):
@@ -115,6 +156,10 @@ class Teacher(torch.nn.Module):
         self.embed_dim, self.patch_dim = emb.shape[1], patch.shape[1]
         self.weights_digest = state_dict_digest(self.model)
 
+    @property
+    def precision(self) -> str:
+        return self.spec.precision
+
     @torch.inference_mode()
     def embed(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets for a batch of [0, 1] views: (embedding per the preset, mean patch token), fp32."""
@@ -122,26 +167,28 @@ class Teacher(torch.nn.Module):
         if x.shape[-1] != self.img_size:
             x = torch.nn.functional.interpolate(x, size=(self.img_size, self.img_size),
                                                 mode="bicubic", align_corners=False, antialias=True)
-        autocast = x.device.type == "cuda"
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             feats = self.model.forward_features(x)
         return split_embedding(self.model, feats, self.preset.embedding)
 
     def info(self) -> dict:
         """Everything the manifest records about this teacher."""
         return {"fingerprint": self.fingerprint(), "spec": self.spec.to_dict(),
-                "arch": self.preset.arch, "hf_hub_id": self.preset.hf_hub_id,
+                "arch": self.preset.arch, "hf_hub_id": self.preset.hf_hub_id, "model_args": self.preset.kwargs,
                 "weights_digest": self.weights_digest, "embed_dim": self.embed_dim,
-                "patch_dim": self.patch_dim, **self.preprocessing()}
+                "patch_dim": self.patch_dim, "precision": self.precision, **self.preprocessing()}
 
     def preprocessing(self) -> dict:
         return {"mean": list(self.preset.mean), "std": list(self.preset.std),
                 "input_size": self.img_size, "embedding": self.preset.embedding}
 
     def fingerprint(self) -> str:
-        """Name + weights hash + preprocessing: equal fingerprints mean interchangeable targets."""
-        blob = json.dumps({"name": self.preset.name, "arch": self.preset.arch,
-                           "weights": self.weights_digest, **self.preprocessing()}, sort_keys=True)
+        """Every setting that changes a target: name, architecture and its arguments, weights hash,
+        preprocessing and compute precision. Equal fingerprints mean interchangeable targets."""
+        blob = json.dumps({"name": self.preset.name, "arch": self.preset.arch, "model_args": self.preset.kwargs,
+                           "weights": self.weights_digest, "precision": self.precision,
+                           **self.preprocessing()}, sort_keys=True)
         return f"{_slug(self.preset.name)}-{hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()}"
 
 
@@ -164,29 +211,33 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower())
 
 
+# What a user can do when a teacher's published weights cannot be had.
+TEACHER_FIXES = ("log in with `hf auth login` (a token of an account with access), pass a local copy with "
+                 "--teacher-weights FILE.safetensors, or --random-init for a test run")
+
+
 def load_teacher(spec: TeacherSpec, img_size: int | None = None,
                  device: torch.device | str = "cpu") -> Teacher:
     """Build a teacher from a preset or timm name with hub weights, a local file, or random init."""
+    spec = spec.on(device)
     preset = get_preset(spec.name)
     size = img_size or preset.input_size
-    kwargs = dict(preset.kwargs, num_classes=0)
-    if _accepts_img_size(preset.arch):
-        kwargs["img_size"] = size
+    kwargs = model_kwargs(preset, size)
     if spec.random_init and spec.weights:
         raise G2LError("give either --teacher-weights or --random-init, not both.")
+    label = f"teacher {spec.name}" + (f" (hub id {preset.hf_hub_id})" if preset.hf_hub_id else "")
     if spec.random_init:
         # Random weights must be reproducible: every rank and every `cache verify` rebuilds them.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
-            model = create_timm_model(preset.arch, what="teacher", **kwargs)
+            model = create_timm_model(preset.arch, what=label, **kwargs)
     elif spec.weights:
         sd = load_state_dict_file(spec.weights)
-        model = create_timm_model(preset.arch, state_dict=sd, what="teacher", **kwargs)
-    elif preset.hf_hub_id:
-        model = create_timm_model(preset.arch, hf_hub_id=preset.hf_hub_id, what="teacher", **kwargs)
+        model = create_timm_model(preset.arch, state_dict=sd, what=label, **kwargs)
     else:
-        model = create_timm_model(preset.arch, hf_hub_id=f"timm/{preset.arch}", what="teacher",
-                                  **kwargs)
+        # A preset's published repository, else timm's own pretrained tag of the architecture.
+        model = create_timm_model(preset.arch, hf_hub_id=preset.hf_hub_id, pretrained=True, what=label,
+                                  fixes=TEACHER_FIXES, **kwargs)
     return Teacher(model, preset, spec, size).to(device)
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from g2l_cache.errors import G2LError
+from g2l_cache.tia import import_tiatoolbox
 from g2l_cache.slides import OpenedSlide, SlideError
 
 TISSUE_METHODS = ("otsu", "morphological")
@@ -69,6 +70,7 @@ def make_tile_id(slide_id: str, x: int, y: int) -> str:
 
 def tissue_mask(slide: OpenedSlide, cfg: TilingConfig) -> tuple[np.ndarray, np.ndarray]:
     """Thumbnail at `mask_mpp` and its boolean tissue mask (tiatoolbox maskers)."""
+    import_tiatoolbox()
     from tiatoolbox.tools import tissuemask
 
     mask_mpp = max(cfg.mask_mpp, slide.mpp)

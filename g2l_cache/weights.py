@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from g2l_cache.errors import G2LError
+from g2l_cache.hub import hub_failure, hub_failure_message
 
 # Prefixes that common checkpoint layouts (DDP, Lightning, DINO, HF wrappers) put before timm keys.
 _PREFIXES = ("module.", "model.", "backbone.", "student.", "teacher.", "encoder.", "_orig_mod.")
@@ -47,8 +48,9 @@ def _strip_prefixes(key: str) -> str:
 
 
 def create_timm_model(arch: str, *, state_dict: dict | None = None, hf_hub_id: str | None = None,
-                      what: str = "model", **kwargs) -> torch.nn.Module:
-    """Build a timm model from a state dict, a hub id, or (neither) random weights; clear errors."""
+                      pretrained: bool = False, what: str = "model", fixes: str = "", **kwargs) -> torch.nn.Module:
+    """Build a timm model from a state dict, a hub id, timm's own pretrained tag (`pretrained`), or
+    (none of these) random weights; errors say what did not fit or why the hub failed."""
     import timm
 
     if not timm.is_model(arch):
@@ -59,21 +61,36 @@ def create_timm_model(arch: str, *, state_dict: dict | None = None, hf_hub_id: s
         overlay = {"state_dict": state_dict}
     elif hf_hub_id is not None:
         overlay = {"hf_hub_id": hf_hub_id}
+    elif pretrained:
+        cfg = timm.get_pretrained_cfg(arch)
+        hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if cfg is None or not (hf_hub_id or getattr(cfg, "url", None)):
+            raise G2LError(f"timm publishes no pretrained weights for {arch}; {fixes or 'pass a weights file'}.")
     try:
-        return timm.create_model(arch, pretrained=bool(overlay),
+        return timm.create_model(arch, pretrained=bool(overlay) or pretrained,
                                  pretrained_cfg_overlay=overlay or None, **kwargs)
-    except RuntimeError as exc:
-        msg = str(exc).split("\n")[0][:300]
-        if state_dict is not None:
-            raise G2LError(f"the {what} weights do not fit {arch} ({msg}); check the file "
-                           "belongs to this architecture.") from None
-        raise G2LError(f"could not load {what} weights for {arch} ({msg}).") from None
-    except (OSError, ValueError) as exc:
-        if hf_hub_id is not None:
-            raise G2LError(f"could not download {what} weights {hf_hub_id} from the Hugging Face hub "
-                           f"({type(exc).__name__}); log in with a token that has access, or pass "
-                           "a local safetensors file, or --random-init for a test run.") from None
+    except Exception as exc:
+        if state_dict is None and (hf_hub_id is not None or pretrained):
+            if hub_failure(exc) != "other" or not isinstance(exc, RuntimeError):
+                raise G2LError(hub_failure_message(exc, what, hf_hub_id or arch,
+                                                   fixes or "pass a local weights file")) from None
+        if isinstance(exc, RuntimeError):
+            detail = load_error_detail(str(exc))
+            source = "the weights in the file" if state_dict is not None else f"the weights of {hf_hub_id or arch}"
+            raise G2LError(f"{source} do not fit {arch}, the architecture of the {what}: {detail}; check the "
+                           "weights belong to this architecture (and preset).") from None
         raise
+
+
+def load_error_detail(message: str, max_lines: int = 6, width: int = 240) -> str:
+    """The useful part of torch's load_state_dict error: its size mismatches and missing or unexpected
+    keys (shortened), not only its first line."""
+    lines = [line.strip() for line in message.splitlines()[1:] if line.strip()] or [message.strip()]
+    kept = []
+    for line in lines[:max_lines]:
+        kept.append(line if len(line) <= width else line[:width] + " ...")
+    more = len(lines) - len(kept)
+    return "; ".join(kept) + (f"; and {more} more" if more > 0 else "")
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:

@@ -14,12 +14,13 @@ from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout
 from g2l_cache.qc import write_qc_png
 from g2l_cache.slides import OpenedSlide, SlideSpec, file_fingerprint, open_slide
+from g2l_cache.canary import view_digest
 from g2l_cache.store import (TLOC_DTYPE, get_value, read_stored_tile, shared_env, slide_key, table_from_bytes,
-                             table_to_bytes, tiles_key, tloc_key)
+                             table_to_bytes, tiles_key, tloc_key, views_key)
 from g2l_cache.tables import slide_tables
 from g2l_cache.tile_codec import decode_tile, encode_tile
 from g2l_cache.tiling import TileRecord, TilingConfig, plan_tiles, read_tile
-from g2l_cache.views import ViewPolicy, apply_view, sample_view
+from g2l_cache.views import ViewParams, ViewPolicy, apply_view, view_param_names
 
 
 def spec_of(record: dict) -> SlideSpec:
@@ -95,16 +96,22 @@ class ChunkDataset(Dataset):
     def _get(self, shard: int, key: bytes) -> bytes | None:
         return get_value(shared_env(self.layout.shard(shard)), key)
 
-    def _state(self, shard: int, slide_id: str) -> tuple[dict, list[TileRecord], np.ndarray]:
-        """The slide's record, tiles and tile locations (read once per slide)."""
+    def _state(self, shard: int, slide_id: str) -> tuple[dict, list[TileRecord], np.ndarray, dict]:
+        """The slide's record, tiles, tile locations and stored view parameters (read once per slide)."""
         if self._slide_state is None or self._slide_state[0] != slide_id:
             record = json.loads(self._get(shard, slide_key(slide_id)))
             t = table_from_bytes(self._get(shard, tiles_key(slide_id))).to_pydict()
             tiles = [TileRecord(*row) for row in zip(t["tile_id"], t["x"], t["y"], t["size0"],
                                                      t["tissue_fraction"])]
             tloc = np.frombuffer(self._get(shard, tloc_key(slide_id)), dtype=TLOC_DTYPE)
-            self._slide_state = (slide_id, record, tiles, tloc)
+            # The parameters drawn when the slide was planned, as stored: a teacher added later (with
+            # another numpy, whose random streams may differ) sees the same views as the first one.
+            params = table_from_bytes(self._get(shard, views_key(slide_id))).select(view_param_names()).to_pydict()
+            self._slide_state = (slide_id, record, tiles, tloc, params)
         return self._slide_state[1:]
+
+    def view_params(self, params: dict, view: int) -> ViewParams:
+        return ViewParams(**{name: values[view] for name, values in params.items()})
 
     def _stored_tile(self, shard: int, loc) -> bytes:
         entry = self._fds.get(shard)
@@ -123,12 +130,16 @@ class ChunkDataset(Dataset):
         return self._slides[sid]
 
     def __getitem__(self, i: int) -> dict:
-        shard, slide_id, start, stop, subset = self.chunks[i]
+        return self.item(self.chunks[i])
+
+    def item(self, chunk: tuple) -> dict:
+        """One chunk's views (see the class), tile bytes stored for the first time and canary digest."""
+        shard, slide_id, start, stop, subset = chunk
         indices = np.arange(start, stop) if subset is None else np.asarray(subset, dtype=np.int64)
-        out = {"shard": shard, "slide_id": slide_id, "error": None, "indices": indices}
+        out = {"shard": shard, "slide_id": slide_id, "error": None, "indices": indices, "canary": None}
         tile = None
         try:
-            record, tiles, tloc = self._state(shard, slide_id)
+            record, tiles, tloc, stored_params = self._state(shard, slide_id)
             pixels, new_tiles, tensors = {}, [], []
             for v in indices.tolist():
                 t_index, k = divmod(v, self.k)
@@ -141,9 +152,11 @@ class ChunkDataset(Dataset):
                         data = encode_tile(raw, self.tile_format, self.jpeg_quality)
                         new_tiles.append((t_index, data))
                     pixels[t_index] = decode_tile(data)
-                params = sample_view(self.seed, tile.tile_id, k, self.policy)
-                tensors.append(apply_view(pixels[t_index], params))
-            out.update(views=torch.stack(tensors), new_tiles=new_tiles)
+                tensors.append(apply_view(pixels[t_index], self.view_params(stored_params, v)))
+            # The slide's first view is its canary: the digest of exactly what the teacher sees.
+            first = np.flatnonzero(indices == 0)
+            out.update(views=torch.stack(tensors), new_tiles=new_tiles,
+                       canary=view_digest(tensors[int(first[0])]) if len(first) else None)
         except G2LError as exc:
             out["error"] = str(exc)
         except Exception as exc:

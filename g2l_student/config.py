@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
+from typing import ClassVar
 
 from g2l_cache.errors import G2LError
 from g2l_cache.options import option
@@ -15,13 +16,17 @@ HEAD_INITS = ("targets", "default")
 # What a resumed run may change: none of these alters what it computes. The cache may move (the
 # run checks the cache's fingerprint instead of its path).
 RESUME_MAY_CHANGE = {"cache", "out", "resume", "overwrite", "num_workers", "progress", "checkpoint_every",
-                     "keep_checkpoints", "val_every"}
+                     "keep_checkpoints", "val_every", "accept_changed_views"}
 
 
 @dataclass
 class FitConfig:
     """Every option of `g2l student fit`. Defaults are the G2L recipe (AdamW 1e-4, weight decay
     0.05, cosine schedule, log-sum loss alpha 4, batch 32); each is written here only."""
+
+    # Options that exclude each other: one given on the command line clears the others from a config file.
+    EXCLUSIVE: ClassVar[tuple[tuple[str, ...], ...]] = (("steps", "epochs"), ("student_weights", "random_init"),
+                                                         ("online_teacher_weights", "online_random_init"))
 
     cache: str = option(kind="argument", group="data", help="Cache folder written by `g2l cache build`.")
     out: str = option(short="-o", group="run", help="Run folder (new, or --resume / --overwrite).")
@@ -33,10 +38,10 @@ class FitConfig:
                                          "(folder or hub id, e.g. histai/hibou-L) mapped onto the timm ViT.")
     random_init: bool = option(False, group="model", help="Random student weights.")
     student_mean: list[float] | None = option(None, group="model", kind="triple",
-                                              help="Student input mean R,G,B (default: the weights' "
-                                              "preprocessor_config.json, else timm's).")
+                                              default_text="the weights' preprocessor_config.json, else timm's",
+                                              help="Student input mean R,G,B.")
     student_std: list[float] | None = option(None, group="model", kind="triple",
-                                             help="Student input std R,G,B (default as for the mean).")
+                                             default_text="as for the mean", help="Student input std R,G,B.")
     img_size: int = option(224, group="model", help="Student input size; views are resized to it.")
     head_weights: str | None = option(None, group="model",
                                       help="Projection heads from an earlier export (head.safetensors).")
@@ -70,6 +75,9 @@ class FitConfig:
                                help="With --online-teacher: every epoch draws a new view of each training "
                                "tile (view index K + epoch, from the stored tile) instead of a cached one.")
     num_workers: int = option(2, group="data", help="DataLoader workers per process.")
+    accept_changed_views: bool = option(False, group="data",
+                                        help="Train even when the cache's canary views replay differently from "
+                                        "what the teacher saw (a Pillow / libjpeg / numpy upgrade); refused by default.")
     # -- optimiser
     steps: int | None = option(None, group="optimiser", help="Optimiser steps (or --epochs).")
     epochs: int | None = option(None, group="optimiser", default_text="1 if no --steps",

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from g2l_cache.errors import G2LError
+from g2l_cache.hub import hub_failure_message
 
 HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -57,9 +58,9 @@ def _download(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as exc:  # network, gated repo, unknown id
-        raise G2LError(f"could not fetch student weights {repo_id!r} from the Hugging Face hub "
-                       f"({type(exc).__name__}); log in with a token that has access, or pass a local "
-                       "folder with config.json and model.safetensors.") from None
+        raise G2LError(hub_failure_message(exc, "student weights", repo_id,
+                                           "pass a local folder with config.json and model.safetensors "
+                                           "(--student-weights FOLDER)")) from None
 
 
 def load_hf_student(folder: Path, img_size: int, weights_file: str | None = None) -> HFStudent:

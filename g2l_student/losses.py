@@ -18,8 +18,20 @@ def logsum_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 4.0
     # log-sum-exp form of log(sum |d|^alpha): stable when |d|^alpha under- or overflows.
     logs = alpha * torch.log(diff.clamp_min(1e-30))
     if over == "batch":
-        return torch.logsumexp(logs.flatten(), dim=0)
+        # The batch is the global one: under several processes each holds a part, so the parts'
+        # log-sums are gathered (differentiably) and combined, and N processes compute what one does.
+        return torch.logsumexp(_gather(torch.logsumexp(logs.flatten(), dim=0)), dim=0)
     return torch.logsumexp(logs, dim=1).mean()
+
+
+def _gather(value: torch.Tensor) -> torch.Tensor:
+    """A scalar from every process, stacked (gradients flow back to each process's own), or itself alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.stack(all_gather(value.reshape(1))).reshape(-1)
+    return value.reshape(1)
 
 
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

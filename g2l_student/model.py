@@ -13,6 +13,9 @@ from g2l_cache.teachers import split_embedding
 from g2l_cache.weights import create_timm_model, load_state_dict_file
 
 DEFAULT_STUDENT = "vit_large_patch14_reg4_dinov2"
+# What a user can do when a student's published weights cannot be had.
+STUDENT_FIXES = ("log in with `hf auth login`, pass --student-weights (a .safetensors file, or a transformers "
+                 "DINOv2 folder with config.json + model.safetensors), or --random-init")
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -24,8 +27,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.batch_norm(x.float(), self.running_mean, self.running_var, self.weight, self.bias,
+                                    False, 0.0, self.eps)
         # Two passes (mean, then squared deviations from it) instead of E[x^2] - E[x]^2: features
         # with a large offset (mean 30, sd 0.05) keep their variance in float32.
         x32 = x.float()
@@ -40,8 +44,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean.detach())
             self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp_min(1))
-        y = (x32 - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
-        return y.to(x.dtype)
+        # float32 out, also under bf16 autocast: a feature with a large offset and a small spread
+        # (mean 30, sd 0.05) has only a few bf16 values, which would cap how well it can be fitted.
+        return (x32 - mean) / torch.sqrt(var + self.eps) * self.weight.float() + self.bias.float()
 
 
 def _global_sum(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +162,7 @@ def build_student(arch: str, img_size: int, head_dims: dict[str, int], weights: 
     elif random_init:
         backbone = create_timm_model(arch, what="student", **kwargs)
     else:
-        backbone = create_timm_model(arch, hf_hub_id=f"timm/{arch}", what="student", **kwargs)
+        backbone = create_timm_model(arch, pretrained=True, what=f"student {arch}", fixes=STUDENT_FIXES, **kwargs)
     student = Student(backbone, arch, img_size, mean or own_mean, std or own_std, head_dims)
     if head_weights:
         load_heads(student, head_weights)

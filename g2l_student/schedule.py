@@ -80,6 +80,13 @@ class EMA:
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()
                        if v.dtype.is_floating_point}
 
+    def load_shadow(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take saved shadow weights (read onto the CPU), each onto the device of the weight it averages."""
+        missing = sorted(set(self.shadow) - set(tensors))
+        if missing:
+            raise ValueError(f"the saved EMA lacks {len(missing)} weights, e.g. {missing[0]}")
+        self.shadow = {k: tensors[k].to(device=v.device, dtype=torch.float32) for k, v in self.shadow.items()}
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """shadow <- decay * shadow + (1 - decay) * weights, for every float tensor at once."""

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,10 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
 
 from g2l_cache import CacheReader, G2LError
+from g2l_cache.errors import G2LWarning
 from g2l_cache.build import device_label
+from g2l_cache.reader import resolve_teacher
+from g2l_cache.canary import check_canaries
 from g2l_cache.layout import now_iso, write_text_atomic
 from g2l_cache.teachers import Teacher, TeacherSpec, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
@@ -54,8 +58,10 @@ class FitResult:
 class RunSampler(Sampler):
     """Views (rows of views.parquet) of micro-batches [start, stop) of a whole run, epoch after epoch.
 
-    Epoch e visits `epoch_rows(e)` (seeded view choice and order) of `views` cut to whole batches.
-    One sampler for the whole run means no pipeline stall at epoch boundaries, and a resumed run
+    The run reads one stream: epoch 0's draw (`epoch_rows(0)`: seeded view choice and order), then
+    epoch 1's, and so on, cut into micro-batches; a batch may end one epoch and start the next, so no
+    tile is ever dropped and K epochs in a row visit all K views of every tile, whatever the batch
+    size. One sampler for the whole run means no pipeline stall at epoch boundaries, and a resumed run
     starts at its exact micro-batch without replaying the loader. With `record_to`, each epoch's
     draw is written to record_to/epoch_NNNNNN.parquet (column `view`) as it is made.
 
@@ -69,13 +75,14 @@ class RunSampler(Sampler):
         self.mode = "one" if fresh_from is not None else mode
         self.batch_size, self.start, self.stop, self.record_to = batch_size, start, stop, record_to
         self.fresh_from = fresh_from
-        self.batches_per_epoch = samples_per_epoch(tiles, self.mode) // batch_size
+        self.per_epoch = samples_per_epoch(tiles, self.mode)
 
     def epoch_of(self, micro_batch: int) -> int:
-        return micro_batch // self.batches_per_epoch
+        """The epoch the micro-batch's last sample belongs to."""
+        return ((micro_batch + 1) * self.batch_size - 1) // self.per_epoch
 
     def _epoch(self, epoch: int) -> np.ndarray:
-        rows = epoch_rows(self.tiles, epoch, self.seed, self.mode)[:self.batches_per_epoch * self.batch_size]
+        rows = epoch_rows(self.tiles, epoch, self.seed, self.mode)
         if self.fresh_from is None:
             drawn, record = self.views[rows], {"view": self.views[rows]}
         else:
@@ -90,11 +97,11 @@ class RunSampler(Sampler):
 
     def __iter__(self):
         epoch, drawn = None, None
-        for mb in range(self.start, self.stop):
-            e, j = divmod(mb, self.batches_per_epoch)
+        for position in range(self.start * self.batch_size, self.stop * self.batch_size):
+            e, j = divmod(position, self.per_epoch)
             if e != epoch:
-                epoch, drawn = e, self._epoch(e)
-            yield from drawn[j * self.batch_size:(j + 1) * self.batch_size].tolist()
+                epoch, drawn = e, self._epoch(e).tolist()
+            yield drawn[j]
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.batch_size
@@ -202,8 +209,10 @@ def _cached_online_teacher(cfg: FitConfig, reader: CacheReader, name: str) -> di
     """The cache's entry of an --online-teacher (by fingerprint or name), unless other weights are given."""
     if cfg.online_teacher_weights:
         return None
-    return next((info for fp, info in reader.manifest["teachers"].items()
-                 if name in (fp, info["spec"]["name"])), None)
+    teachers = reader.manifest["teachers"]
+    if name not in teachers and not any(info["spec"]["name"] == name for info in teachers.values()):
+        return None
+    return teachers[resolve_teacher(teachers, name)]
 
 
 class LiveTeachers(torch.nn.Module):
@@ -226,7 +235,7 @@ def build_online_teacher(cfg: FitConfig, reader: CacheReader, device) -> list[Te
     for name in cfg.online_teacher:
         info = _cached_online_teacher(cfg, reader, name)
         if info is not None:
-            teachers.append(load_teacher(TeacherSpec(**info["spec"]), img_size=info["input_size"], device=device))
+            teachers.append(load_teacher(TeacherSpec.from_record(info["spec"]), img_size=info["input_size"], device=device))
         else:
             spec = TeacherSpec(name, cfg.online_teacher_weights, cfg.online_random_init, cfg.seed)
             teachers.append(load_teacher(spec, img_size=reader.policy.crop_size, device=device))
@@ -271,6 +280,9 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | list[
         raise G2LError(f"--batch-size {cfg.batch_size} must divide by the {accelerator.num_processes} processes.")
     main = accelerator.is_main_process
     data = load_fit_data(cfg)
+    canaries = check_canaries(data.reader, seed=cfg.seed)
+    if not canaries.ok and not cfg.accept_changed_views:
+        raise G2LError(canaries.message)
     set_seed(cfg.seed)
     if teacher is not None:  # objects given: run live, as --online-teacher
         live = [t.to(accelerator.device) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher])]
@@ -329,11 +341,23 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | list[
                               "val_slides": len(data.val_slides), "train_tiles": len(np.unique(train_tiles)),
                               "train_views": int(len(data.train)), "val_views": int(len(data.val))})
     per_epoch = samples_per_epoch(train_tiles, "one" if cfg.fresh_views else cfg.views_per_epoch)
-    batches_per_epoch = per_epoch // cfg.batch_size
-    if batches_per_epoch < cfg.grad_accum:
+    if per_epoch < cfg.batch_size * cfg.grad_accum:
         raise G2LError(f"the training split has {per_epoch} samples per epoch, fewer than one step "
                        f"of {cfg.batch_size * cfg.grad_accum}; lower --batch-size or --grad-accum.")
-    total = cfg.steps or (cfg.epochs or 1) * (batches_per_epoch // cfg.grad_accum)
+    # --epochs: enough steps that every sample of those epochs is read (a step may reach into the next)
+    total = cfg.steps or -(-(cfg.epochs or 1) * per_epoch // (cfg.batch_size * cfg.grad_accum))
+    reading = describe_reading(cfg.batch_size, cfg.grad_accum, accelerator.num_processes, total, per_epoch,
+                               len(data.train), data.reader.views_per_tile, accelerator.device.type == "cuda")
+    if main:
+        run.update_info(reading=reading, **({"views_changed": {"slides": canaries.changed, "accepted": True}}
+                                            if not canaries.ok else {}))
+        if cfg.progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(reading["text"], markup=False, highlight=False)
+        for warning in [reading["warning"], None if canaries.ok else canaries.message]:
+            if warning:
+                warnings.warn(warning, G2LWarning, stacklevel=2)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
     optimizer = build_optimizer(student, cfg.lr, cfg.weight_decay, accelerator.device)
     state = TrainState()
@@ -454,6 +478,29 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | list[
                      steps_per_second, clock.wait_share())
 
 
+def describe_reading(batch_size: int, grad_accum: int, processes: int, steps: int, per_epoch: int,
+                     cached_views: int, views_per_tile: int, on_gpu: bool = False) -> dict:
+    """What a run reads: the batch each process gets, views read over the steps, epochs, and the share
+    of the cached training views that is (`--batch-size` is global: split over the processes)."""
+    read = steps * batch_size * grad_accum
+    per_process = batch_size // processes
+    text = (f"batch {batch_size} = {per_process} per process x {processes} process(es)"
+            + (f" x {grad_accum} micro-batches" if grad_accum > 1 else "")
+            + f"; {steps} steps read {read} views = {read / per_epoch:.2f} epochs of {per_epoch} samples, "
+            f"{min(1.0, read / cached_views):.1%} of the {cached_views} cached training views "
+            f"({views_per_tile} per tile)")
+    warning = None
+    if read < per_epoch:
+        warning = (f"the run ends before one epoch: {1 - read / per_epoch:.0%} of the {per_epoch} training samples "
+                   "(one view per tile) are never visited; give more --steps or --epochs 1")
+    elif per_process < 8 and on_gpu:
+        warning = (f"{per_process} views per process leaves a GPU mostly idle: raise --batch-size (the global "
+                   "batch, split over the processes)")
+    return {"batch_size": batch_size, "warning": warning, "per_process": per_process, "processes": processes, "grad_accum": grad_accum,
+            "steps": steps, "views_read": read, "epochs": read / per_epoch,
+            "share_of_cached_views": min(1.0, read / cached_views), "text": text}
+
+
 def _log_step(run: RunDir, progress, step: dict, main: bool, columns: list[str]) -> float:
     """Read one step's loss off the device, write its metrics row; return the loss.
 
@@ -532,7 +579,11 @@ def _load_loop_state(checkpoint: Path, state: TrainState, early_stop: G2LEarlySt
     if ema is not None:
         from safetensors.torch import load_file
 
-        ema.shadow = {k: v.float() for k, v in load_file(str(checkpoint / "ema.safetensors")).items()}
+        try:
+            ema.load_shadow(load_file(str(checkpoint / "ema.safetensors")))
+        except (OSError, ValueError) as exc:
+            raise G2LError(f"checkpoint {checkpoint} has no usable ema.safetensors ({exc}); resume from another "
+                           "checkpoint or start the run again with --overwrite.") from None
 
 
 def _write_fidelity(run: RunDir, data: dict) -> None:

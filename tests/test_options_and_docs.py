@@ -38,7 +38,7 @@ def _flags(cmd: click.Command) -> set[str]:
 def test_every_config_field_is_an_option_with_help_and_its_default_written_once(cls, path):
     cmd = _command(path)
     params = {p.name: p for p in cmd.params}
-    for f in option_fields(cls):
+    for f in option_fields(cls, path[-1]):
         assert f.name in params, f"{cls.__name__}.{f.name} has no CLI option"
         assert f.metadata["help"].strip() and f.metadata["group"], f.name
         default = shown_default(f)
@@ -46,8 +46,8 @@ def test_every_config_field_is_an_option_with_help_and_its_default_written_once(
         assert default is None or f"default {default}" not in f.metadata["help"] and \
             f"default: {default}" not in f.metadata["help"], f.name
         if default and f.metadata["kind"] is None:
-            assert f"(default: {default})" in (params[f.name].help or ""), f.name
-    assert set(params) - {f.name for f in option_fields(cls)} == {"config", "set_"}
+            assert f"[default: {default}]" in (params[f.name].help or ""), f.name
+    assert set(params) - {f.name for f in option_fields(cls, path[-1])} == {"config", "set_"}
     # square brackets survive --help (no markup interpretation)
     assert "[build] table" in CliRunner().invoke(app, ["cache", "build", "--help"]).output
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from g2l_cache import CacheReader, G2LError
 from g2l_cache.build import run_build
+from g2l_cache.costs import TEACHER_EFFICIENCY
 from g2l_cache.work import PlanDataset
 from g2l_student.config import FitConfig
 from g2l_student.ledger import reused_text
@@ -46,7 +47,7 @@ def test_plan_counts_and_costs_a_build_that_then_starts_from_it(demo_dir, tmp_pa
     # ViT-Ti at 48 px, by hand: 10 tokens, d = 192, 12 blocks of qkv + attention + proj + MLP, plus
     # the patch embedding: 12 * (2*10*192*576 + 4*10*10*192 + 2*10*192*192 + 16*10*192*192) + 2*9*768*192
     assert plan["teacher"]["gflops_per_view"] * 1e9 == 12 * (2211840 + 76800 + 737280 + 5898240) + 2654208
-    rate = 312e12 * 0.278 / (plan["teacher"]["gflops_per_view"] * 1e9)
+    rate = 312e12 * TEACHER_EFFICIENCY / (plan["teacher"]["gflops_per_view"] * 1e9)
     assert plan["teacher"]["views_per_second"] == pytest.approx(rate)
     assert plan["teacher"]["gpu_hours"] == pytest.approx(60 / rate / 3600)
     assert plan["disk_bytes"]["targets"] == 60 * (2 * (192 + 192) + 4)

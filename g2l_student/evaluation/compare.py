@@ -115,9 +115,27 @@ def evaluate_task(models: list[Embeddings], k: int = 20, n_boot: int = 1000, see
     return rows, notes
 
 
+def reference_first(models: list[Embeddings], reference: str | None, task: str) -> list[Embeddings]:
+    """The task's models with the reference first: the file `reference` names (its path, its file name
+    without .parquet, or the model name it was embedded with), else the first one given."""
+    if reference is None:
+        return models
+    ref = Path(reference)
+    picked = [e for e in models if reference in (e.path.stem, e.model) or
+              (ref.suffix == ".parquet" and ref.exists() and ref.resolve() == e.path.resolve())]
+    if len(picked) != 1:
+        names = ", ".join(f"{e.path.stem} (model {e.model})" for e in models)
+        raise G2LError(f"--reference {reference!r} names {'no' if not picked else 'more than one'} embedding file "
+                       f"of task {task}; its files are {names}.")
+    return picked + [e for e in models if e is not picked[0]]
+
+
 def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int = 1000, seed: int = 0,
-            map_method: str = "auto", apd_iterations: int = 20) -> pl.DataFrame:
-    """Evaluate every embedding file, grouped into tasks by tile set; write REPORT/ and return metrics."""
+            map_method: str = "auto", apd_iterations: int = 20, reference: str | None = None) -> pl.DataFrame:
+    """Evaluate every embedding file, grouped into tasks by tile set; write REPORT/ and return metrics.
+
+    `reference`: the model every `*_vs_` row is measured against (see `reference_first`; default the
+    first file of each task); report.md names it."""
     if not paths:
         raise G2LError("give at least one embedding file.")
     stems = [Path(p).stem for p in paths]
@@ -133,12 +151,15 @@ def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int =
     names = _task_names(tasks, data_names)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    all_rows, notes, model_keys = [], {}, {}
+    all_rows, notes, model_keys, references = [], {}, {}, {}
     for fp, files in tasks.items():
-        models = [read_embeddings(f) for f in files]
+        models = reference_first([read_embeddings(f) for f in files], reference, names[fp])
         model_keys.update({e.path.stem: {"task": names[fp], "model": e.model, "model_fingerprint": e.model_fingerprint}
                            for e in models})
         rows, task_notes = evaluate_task(models, k, n_boot, seed, apd_iterations)
+        task_notes.insert(0, f"reference of the *_vs_ rows: {models[0].path.stem} ({models[0].path}, model "
+                             f"{models[0].model}).")
+        references[names[fp]] = str(models[0].path)
         all_rows += [{"task": names[fp], **r} for r in rows]
         notes[names[fp]] = task_notes
         _plot_maps(models, out / f"map-{names[fp]}.png", map_method, seed)
@@ -150,6 +171,7 @@ def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int =
     metrics.write_csv(out / "metrics.csv")
     # which model each row's name stands for: a student's model card finds its own rows by this
     (out / "models.json").write_text(json.dumps(model_keys, indent=2))
+    (out / "references.json").write_text(json.dumps(references, indent=2))
     for task in metrics["task"].unique(maintain_order=True).to_list():
         _plot_bars(metrics.filter(pl.col("task") == task), out / f"bars-{task}.png", task)
         _plot_ri_curve(metrics.filter(pl.col("task") == task), out / f"ri-curve-{task}.png", task)

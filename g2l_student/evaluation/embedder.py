@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from g2l_cache.errors import G2LError
+from g2l_cache.teachers import DEFAULT_PRECISION
 from g2l_student.evaluation.tileset import TileSet, load_tileset
 
 META_KEY = b"g2l_embeddings"
@@ -66,7 +67,8 @@ def _student_export(model: Path) -> Path | None:
 
 
 def load_embedding_model(model: str, random_init: bool = False, weights: str | None = None,
-                         img_size: int | None = None, device: str = "cpu", seed: int = 0) -> EmbeddingModel:
+                         img_size: int | None = None, device: str = "cpu", seed: int = 0,
+                         precision: str = DEFAULT_PRECISION) -> EmbeddingModel:
     """Resolve MODEL: a student run/export (loaded with plain timm), a teacher preset or a timm name."""
     import timm
 
@@ -95,7 +97,7 @@ def load_embedding_model(model: str, random_init: bool = False, weights: str | N
                               fp, size, mpp, embed)
     if path.exists() and path.is_dir():
         raise G2LError(f"{path} is neither a student run nor an export folder.")
-    teacher = load_teacher(TeacherSpec(model, weights, random_init, seed), img_size=img_size, device=device)
+    teacher = load_teacher(TeacherSpec(model, weights, random_init, seed, precision), img_size=img_size, device=device)
     return EmbeddingModel(model, f"{teacher.fingerprint()}-{teacher.img_size}", teacher.img_size, 0.5,
                           lambda x: teacher.embed(x)[0])
 

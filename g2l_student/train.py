@@ -354,7 +354,7 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | list[
         if cfg.progress:
             from rich.console import Console
 
-            Console(stderr=True).print(reading["text"], markup=False, highlight=False)
+            Console(stderr=True).print(reading["text"], markup=False, highlight=False, soft_wrap=True)
         for warning in [reading["warning"], None if canaries.ok else canaries.message]:
             if warning:
                 warnings.warn(warning, G2LWarning, stacklevel=2)

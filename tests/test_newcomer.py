@@ -201,3 +201,67 @@ def test_an_unreachable_hub_names_the_preset_its_hub_id_and_what_to_do(command, 
     assert "teacher h-optimus-0 (hub id bioptimus/H-optimus-0)" in message and "cannot be reached" in message
     assert "HF_HUB_OFFLINE is set" in message and "--teacher-weights" in message and "--random-init" in message
     assert "Traceback" not in res.stderr
+
+
+# -- every command of the real workflow, with the stand-ins the README names ----------------------
+STAND_INS = [  # (documented text, what a machine without weights or slides runs instead)
+    ("cache build /data/brca/slides", "cache build SLIDES"), ("cache plan /data/brca/slides", "cache plan SLIDES"),
+    ("/data/g2l/brca-hopt0", "CACHE"),
+    ("embed h-optimus-0", "embed vit_small_patch16_224 --random-init --img-size 48"),
+    ("--teacher h-optimus-0 --mpp 0.5 --tile-size 256 --views 4 --max-tiles-per-slide 2000 --gpu h100",
+     "--teacher vit_small_patch16_224 --mpp 0.5 --tile-size 64 --crop-size 48 --views 4 --max-tiles-per-slide 6 "
+     "--gpu h100 --no-progress"),
+    ("--teacher h-optimus-0 --mpp 0.5 --tile-size 256 --views 4 --max-tiles-per-slide 2000",
+     "--teacher vit_small_patch16_224 --random-init --mpp 0.5 --tile-size 64 --crop-size 48 --views 4 "
+     "--max-tiles-per-slide 6 --no-progress"),
+    ("--student vit_large_patch14_reg4_dinov2 --student-weights histai/hibou-L",
+     "--student vit_tiny_patch16_224 --random-init --img-size 32 --num-workers 0 --val-fraction 0.34 --no-progress"),
+    ("--epochs 20 --batch-size 256", "--steps 3 --batch-size 8"),
+    ("tiles.csv", "TILES"),
+]
+
+
+def _workflow_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## The real workflow"):text.index("## Performance")]
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = " ".join(line.split(" #")[0].split())
+            if line.startswith("g2l "):
+                lines.append(line)
+    return lines
+
+
+def test_the_readmes_real_workflow_runs_as_written_with_the_stand_ins(demo_dir, tmp_path, monkeypatch):
+    commands = _workflow_commands()
+    assert len(commands) == 9
+    made = runner.invoke(app, ["demo", "tiles", str(tmp_path / "tiles"), "--n-crops", "8", "--centers", "2",
+                                "--tile-px", "64"])
+    assert made.exit_code == 0, made.output
+    monkeypatch.chdir(tmp_path)
+    for documented in commands:
+        line = documented
+        for text, stand_in in STAND_INS:
+            line = line.replace(text, stand_in)
+        line = (line.replace("SLIDES", str(demo_dir)).replace("CACHE", str(tmp_path / "cache"))
+                .replace("TILES", str(tmp_path / "tiles" / "tiles.csv")))
+        assert "h-optimus-0" not in line and "/data/" not in line and "hibou" not in line, line
+        res = runner.invoke(app, line.split()[1:])
+        assert res.exit_code == 0, f"`{documented}` as `{line}`:\n{res.output[-3000:]}"
+    assert (tmp_path / "reports" / "brca" / "metrics.csv").exists()
+
+
+def test_the_readmes_cpu_benchmark_column_is_the_committed_make_bench_results():
+    import json
+
+    results = {name: json.loads((REPO / "benchmarks" / "results" / f"{name}.json").read_text())
+               for name in ("cache_build", "student_fit", "cached_vs_online")}
+    readme = (REPO / "README.md").read_text()
+    rows = {row.split("|")[1].strip(): row.split("|")[3].strip() for row in readme.splitlines()
+            if row.startswith("| ") and row.count("|") == 4}
+    assert rows["cache build views/s ÷ bare teacher forward"] == f"{results['cache_build']['ratio']:.2f}"
+    assert rows["student fit steps/s ÷ bare train step"] == f"{results['student_fit']['ratio']:.2f}"
+    online = results["cached_vs_online"]
+    assert rows["online-teacher epoch ÷ cached epoch"] == \
+        f"{online['ratio']:.2f} (theory {online['flop_ratio_theory']:.2f})"

@@ -10,6 +10,7 @@ from g2l_cache.options import option
 from g2l_student.data import VIEW_CHOICES
 from g2l_student.losses import LOGSUM_OVER, LOSSES
 from g2l_student.model import DEFAULT_STUDENT
+from g2l_student.rundir import RunDir
 from g2l_student.task import TARGETS
 
 HEAD_INITS = ("targets", "default")
@@ -217,8 +218,6 @@ class FitConfig:
     def for_resume(cls, given: dict) -> "FitConfig":
         """The config of the run in given['out'], from its config.toml; options in `given` may only
         repeat it (or change what RESUME_MAY_CHANGE lists)."""
-        from g2l_student.rundir import RunDir
-
         saved = RunDir(given["out"]).read_config()
         cfg = cls.from_dict({**saved, **given, "resume": True, "overwrite": False})
         cfg.check_resumable(saved)

@@ -6,8 +6,16 @@ import json
 from pathlib import Path
 
 from g2l_cache.errors import G2LError
+from g2l_student.checkpoint import checkpoint_weights
 from g2l_student.config import FitConfig
+from g2l_student.data import CachedViews
+from g2l_student.fidelity import measure_fidelity
+from g2l_student.model import build_student
+from g2l_student.model_card import evaluation_rows, render_card
+from g2l_student.provenance import cache_mpp, student_fingerprint
+from g2l_student.run_data import cached_slots, fidelity_views, load_fit_data
 from g2l_student.rundir import RunDir
+from g2l_student.targets import head_targets
 
 LOAD_SNIPPET = """import timm
 model = timm.create_model(
@@ -17,37 +25,11 @@ model = timm.create_model(
 """
 
 
-def _checkpoint_weights(checkpoint: Path) -> dict:
-    from safetensors.torch import load_file
-
-    model_file = checkpoint / "model.safetensors"
-    if not model_file.exists():
-        raise G2LError(f"checkpoint {checkpoint} has no model.safetensors.")
-    sd = load_file(str(model_file))
-    ema_file = checkpoint / "ema.safetensors"
-    if ema_file.exists():
-        sd.update(load_file(str(ema_file)))
-    return sd
-
-
-def cache_mpp(cache: str) -> float | None:
-    """The mpp the cache's tiles were read at (what the student was trained on), if readable."""
-    from g2l_cache import CacheReader
-
-    try:
-        return float(CacheReader(cache).manifest["settings"]["tiling"]["mpp"])
-    except G2LError:
-        return None
-
-
 def export_run(run_root: str | Path, checkpoint: str | Path | None = None,
                evaluations: list[str | Path] = ()) -> Path:
     """Write RUN/export/: student.safetensors + config.json (timm), head.safetensors, LOAD.md and the
     model card README.md (with the rows of the `g2l eval compare` report folders in `evaluations`
     that embedded this export)."""
-    from g2l_student.evaluation.embedder import student_fingerprint
-    from g2l_student.model_card import evaluation_rows, render_card
-
     import timm
     from safetensors.torch import save_file
 
@@ -57,7 +39,7 @@ def export_run(run_root: str | Path, checkpoint: str | Path | None = None,
     ckpt = Path(checkpoint) if checkpoint else run.last_checkpoint()
     if ckpt is None or not ckpt.is_dir():
         raise G2LError(f"{run.root} has no checkpoint to export yet.")
-    sd = _checkpoint_weights(ckpt)
+    sd = checkpoint_weights(ckpt)
     backbone = {k[len("backbone."):]: v.contiguous() for k, v in sd.items() if k.startswith("backbone.")}
     heads = {k[len("heads."):]: v.contiguous() for k, v in sd.items() if k.startswith("heads.")}
     if not backbone:
@@ -106,12 +88,6 @@ def recompute_fidelity(run: RunDir) -> dict:
     import torch
     from torch.utils.data import Subset
 
-    from g2l_student.data import CachedViews
-    from g2l_student.fidelity import measure_fidelity
-    from g2l_student.model import build_student
-    from g2l_student.targets import head_targets
-    from g2l_student.train import cached_slots, fidelity_views, load_fit_data
-
     cfg = FitConfig.from_dict(run.read_config())
     ckpt = run.last_checkpoint()
     if ckpt is None:
@@ -124,7 +100,7 @@ def recompute_fidelity(run: RunDir) -> dict:
     dims = {k: h.stop - h.start for k, h in head_targets(cfg.target, slots).items()}
     student = build_student(cfg.student, cfg.img_size, dims, random_init=True, mean=cfg.student_mean,
                             std=cfg.student_std)
-    student.load_state_dict(_checkpoint_weights(ckpt))
+    student.load_state_dict(checkpoint_weights(ckpt))
     views, split = fidelity_views(data, cfg.fidelity_views, cfg.seed)
     dataset = Subset(CachedViews(data.reader, data.fingerprints), views.tolist())
     after = measure_fidelity(student, dataset, torch.device("cpu"), slots=slots)

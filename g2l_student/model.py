@@ -11,6 +11,7 @@ from torch import nn
 from g2l_cache.errors import G2LError
 from g2l_cache.teachers import split_embedding
 from g2l_cache.weights import create_timm_model, load_state_dict_file
+from g2l_student.hf_dinov2 import hf_checkpoint_folder, load_hf_student
 
 DEFAULT_STUDENT = "vit_large_patch14_reg4_dinov2"
 # What a user can do when a student's published weights cannot be had.
@@ -137,8 +138,6 @@ def build_student(arch: str, img_size: int, head_dims: dict[str, int], weights: 
     file, or hub id such as histai/hibou-L) mapped onto the timm ViT. Mean/std: `mean`/`std` if
     given, else the checkpoint's preprocessor_config.json, else timm's pretrained config."""
     import timm
-
-    from g2l_student.hf_dinov2 import hf_checkpoint_folder, load_hf_student
 
     kwargs = {"num_classes": 0}
     if any(k in arch for k in ("vit", "deit", "eva", "beit")):

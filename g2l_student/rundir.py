@@ -108,6 +108,13 @@ class RunDir:
     def update_info(self, **values) -> None:
         self._write_json(self.run_json, {**self.info(), **values})
 
+    def read_fidelity(self) -> dict:
+        """fidelity.json: the fidelity measured before and after training (empty before the first)."""
+        return json.loads(self.fidelity.read_text()) if self.fidelity.exists() else {}
+
+    def write_fidelity(self, data: dict) -> None:
+        self._write_json(self.fidelity, data)
+
     def read_config(self) -> dict:
         """The run's resolved options (config.toml, plain TOML data)."""
         import tomllib

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from g2l_cache.errors import G2LError
+from g2l_student.neighbours import nearest
 
 
 def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +64,6 @@ def centred_r2(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def _cosine_neighbours(x: np.ndarray, k: int) -> np.ndarray:
-    from g2l_student.neighbours import nearest
-
     return nearest(x, x, k, exclude_self=True)[0]
 
 

@@ -25,7 +25,8 @@ from g2l_student.config import FitConfig
 from g2l_student.model import projection_head
 from g2l_student.schedule import EMA, G2LEarlyStop, TrainState
 from g2l_student.similarity import centred_r2
-from g2l_student.train import LOOP_STATE, _load_loop_state, fit
+from g2l_student.checkpoint import LOOP_STATE, load_loop_state
+from g2l_student.train import fit
 from helpers import cache_content, copy_slides, small_config
 
 runner = CliRunner()
@@ -50,7 +51,7 @@ def test_resumed_ema_lands_on_the_device_of_the_model_it_averages(tmp_path):
     with torch.device("meta"):
         model = torch.nn.Linear(4, 3)
     ema, resumed, resumed_stop = EMA(model, 0.9), TrainState(), G2LEarlyStop(window=3)
-    _load_loop_state(checkpoint, resumed, resumed_stop, ema)
+    load_loop_state(checkpoint, resumed, resumed_stop, ema)
     assert {v.device.type for v in ema.shadow.values()} == {"meta"}
     assert all(v.dtype == torch.float32 for v in ema.shadow.values())
     ema.update(model)  # mixing devices would raise here

@@ -24,7 +24,8 @@ from g2l_cache.build import BuildConfig, run_build
 from g2l_cache.errors import G2LWarning
 from g2l_student.config import FitConfig
 from g2l_student.evaluation.embedder import write_embeddings
-from g2l_student.train import RunSampler, fit
+from g2l_student.sampler import RunSampler
+from g2l_student.train import fit
 from helpers import small_config
 
 REPO = Path(__file__).parent.parent

@@ -334,9 +334,9 @@ def test_two_fits_read_one_cache_at_once(built_cache, tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(built_cache, tmp_path, monkeypatch):
-    import g2l_student.train as train
+    import g2l_student.fit_setup as fit_setup
 
-    real = train.get_loss
+    real = fit_setup.get_loss
     calls = {"n": 0}
 
     def poisoned(*args):
@@ -348,7 +348,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(buil
             return out * float("nan") if calls["n"] >= 5 else out
         return fn
 
-    monkeypatch.setattr(train, "get_loss", poisoned)
+    monkeypatch.setattr(fit_setup, "get_loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(G2LError, match=r"step 5 gave loss nan.*keeps its last good checkpoint \(step_00000004\)"):
         fit(fit_config(built_cache, out, steps=12, checkpoint_every=2))

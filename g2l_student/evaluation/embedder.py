@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from g2l_cache.errors import G2LError
 from g2l_cache.teachers import DEFAULT_PRECISION
 from g2l_student.evaluation.tileset import TileSet, load_tileset
+from g2l_student.provenance import cache_mpp, student_fingerprint
 
 META_KEY = b"g2l_embeddings"
 
@@ -32,19 +32,6 @@ class EmbeddingModel:
     input_size: int
     mpp: float
     embed: Callable[[torch.Tensor], torch.Tensor]
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=10)
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def student_fingerprint(export: Path) -> str:
-    """What embedding files (and evaluation reports) call an exported student: its weights' digest."""
-    return f"student-{_file_digest(Path(export) / 'student.safetensors')}"
 
 
 def _student_export(model: Path) -> Path | None:
@@ -104,8 +91,6 @@ def load_embedding_model(model: str, random_init: bool = False, weights: str | N
 
 def _student_mpp(cfg: dict, export: Path) -> float:
     """The mpp the student was trained at: recorded in its export, else read from its cache."""
-    from g2l_student.export import cache_mpp
-
     g2l = cfg.get("g2l", {})
     mpp = g2l.get("mpp") or (cache_mpp(g2l["cache"]) if g2l.get("cache") else None)
     if mpp is None:

@@ -32,7 +32,7 @@ def _build(values: dict) -> None:
 
 
 def _build_command():
-    from g2l_cache.build import BuildConfig
+    from g2l_cache.build_config import BuildConfig
 
     return config_command(BuildConfig, "build", _build, """Tile slides, make K augmented views per tile, run the teacher, and cache the targets.
 
@@ -47,7 +47,7 @@ app.command("build")(handle_errors(_build_command()))
 
 
 def _plan(values: dict) -> None:
-    from g2l_cache.build import config_from_dict
+    from g2l_cache.build_config import config_from_dict
     from g2l_cache.plan import PlanConfig, run_plan
 
     plan = run_plan(config_from_dict(values, PlanConfig))

@@ -140,7 +140,7 @@ def config_command(cls, section: str, run: Callable[[dict], None], doc: str,
 
 def options_document() -> str:
     """docs/options.md: every option of `g2l cache build` and `g2l student fit`, from the configs."""
-    from g2l_cache.build import BuildConfig
+    from g2l_cache.build_config import BuildConfig
     from g2l_cache.options import options_markdown
     from g2l_cache.plan import PlanConfig
     from g2l_student.config import FitConfig

@@ -29,6 +29,10 @@ def _fit(values: dict) -> None:
                       soft_wrap=True, markup=False)
         console.print(f"speed: {result.steps_per_second:.2f} steps/s; waiting for data "
                       f"{data_wait_text(result.data_wait_share)}")
+        if result.checkpoints and result.checkpoints["saved"]:
+            saves = result.checkpoints
+            console.print(f"checkpoints: {saves['saved']} saved; training held {saves['held_seconds']:.2f} s by "
+                          f"them, written in {saves['written_seconds']:.2f} s behind it")
         _print_fidelity(result.fidelity)
         console.print(f"exported student: {result.export}", soft_wrap=True, markup=False)
 

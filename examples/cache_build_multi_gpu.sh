@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage one on one node with 4 GPUs (the cache's 64 shards are shared round-robin by the processes).
+# Stage one on one node with 4 GPUs (the processes share the cache's shards by their planned views).
 # For several nodes, run the same command on each node with --nnodes/--node_rank/--rdzv_endpoint.
 set -euo pipefail
 SLIDES=${SLIDES:-/data/tcga-brca/slides}

@@ -19,11 +19,12 @@ launch() {
     srun torchrun --nnodes "$SLURM_NNODES" --nproc_per_node 8 --rdzv_backend c10d \
         --rdzv_id "$SLURM_JOB_ID" --rdzv_endpoint "$HEAD:$PORT" "$@"
 }
-# 1. Teacher pass: each of the nodes x 8 ranks takes shards round-robin (a cache has 64 by default;
-#    pass --shards 256 when creating it for more than 64 ranks). Workers default to the node's
-#    cores / 8 ranks. Re-submit the same job after a preemption: committed batches are kept.
+# 1. Teacher pass: the nodes x 8 ranks share the cache's shards (1,024 by default) by their planned
+#    views, so every rank finishes together. Workers default to the node's cores / 8 ranks. Slides
+#    on network storage are copied to each node's local disk two ahead of the reading (--stage-dir).
+#    Re-submit the same job after a preemption: committed batches are kept.
 launch "$(command -v g2l)" cache build "$SLIDES" --recursive --out "$CACHE" \
-    --config examples/h-optimus-0-brca.toml
+    --config examples/h-optimus-0-brca.toml --stage-dir "${TMPDIR:-/tmp}/g2l-slides"
 # 2. Check a sample against the teacher (one process).
 srun --nodes 1 --ntasks 1 g2l cache verify "$CACHE" --recompute 64
 # 3. The student: all ranks read the finished cache without locks (read-only mounts work).

@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from g2l_cache.environment import VIEW_LIBRARIES, changed_versions
 
@@ -21,7 +20,7 @@ CANARY_SAMPLE = 64  # canary views a fit or verify replays (of one per slide)
 ACCEPT_OPTION = "--accept-changed-views"
 
 
-def view_digest(view: torch.Tensor) -> str:
+def view_digest(view) -> str:
     """Digest of a view tensor's exact bytes (float32, CHW)."""
     return hashlib.blake2b(view.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,30 @@ class _TableWriter:
         return self.tmp
 
 
+class ShardEnvs(OrderedDict):
+    """Shard index environments opened on demand, at most `max_open` at once (least recently used
+    closed first): finalising a cache of thousands of shards must not hold them all open."""
+
+    def __init__(self, layout: CacheLayout, max_open: int = 32):
+        super().__init__()
+        self.layout, self.max_open = layout, max_open
+
+    def __getitem__(self, shard: int):
+        if shard in self:
+            self.move_to_end(shard)
+            return super().__getitem__(shard)
+        while len(self) >= self.max_open:
+            close_env(self.layout.shard(self.popitem(last=False)[0]))
+        env = shared_env(self.layout.shard(shard))
+        super().__setitem__(shard, env)
+        return env
+
+    def close(self) -> None:
+        for shard in list(self):
+            close_env(self.layout.shard(shard))
+        self.clear()
+
+
 def _add_columns(table: pa.Table, schema: pa.Schema, columns: dict[str, np.ndarray]) -> pa.Table:
     for field in schema:
         table = table.append_column(field, pa.array(columns[field.name], type=field.type))
@@ -82,14 +107,14 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
         entry = teachers[teacher_info["fingerprint"]]
         entry["ledger"] = [*entry.get("ledger", []), teacher_pass]
 
-    envs, records, shard_states, canaries = {}, [], [], {}
+    envs, records, shard_states, canaries = ShardEnvs(layout), [], [], {}
     spent: dict[str, dict[str, dict[str, float]]] = {}  # teacher -> device -> time and views committed
     for shard in range(manifest["n_shards"]):
         path = layout.shard(shard)
         state = {"index": shard, "path": str(path.relative_to(layout.root)), "state": "empty",
                  "slides": 0, "tiles": 0, "bytes": 0, "generation": 0}
         if index_path(path).exists():
-            env = envs[shard] = shared_env(path)
+            env = envs[shard]
             shard_recs = [json.loads(unpack(v, k)) for k, v in iter_prefix(env, b"slide/")]
             records += shard_recs
             ok_here = {r["slide_id"] for r in shard_recs if r["status"] == "ok"}
@@ -114,8 +139,7 @@ def finalise_cache(layout: CacheLayout, specs: list[SlideSpec], teacher_info: di
         if not unchanged:
             _write_tables(layout, envs, records, teachers, k_views)
     finally:
-        for shard in envs:
-            close_env(layout.shard(shard))
+        envs.close()
 
     for fp, devices in spent.items():
         if fp in teachers:  # kept with the targets: also the time of builds killed half-way

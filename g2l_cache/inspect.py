@@ -8,7 +8,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 from g2l_cache.canary import check_canaries
 from g2l_cache.errors import G2LError
@@ -254,6 +253,8 @@ def _check_targets(layout: CacheLayout, shard: int, fp: str, info: dict, views: 
 def _recompute(reader: CacheReader, n: int, seed: int, device: str, ready: dict, tolerance: float) -> dict:
     """Re-run each complete teacher on n random cached views; the largest differences, and a problem
     when they exceed `tolerance` or the teacher cannot be rebuilt to its fingerprint."""
+    import torch
+
     from g2l_cache.teachers import TeacherSpec, load_teacher
 
     rng = np.random.default_rng(seed)
@@ -284,9 +285,10 @@ def _recompute(reader: CacheReader, n: int, seed: int, device: str, ready: dict,
     return out
 
 
-def compare_targets(reader: CacheReader, fp: str, views: np.ndarray, emb: torch.Tensor,
-                    patch: torch.Tensor) -> dict:
-    """Largest differences between freshly computed and stored targets of `views`."""
+def compare_targets(reader: CacheReader, fp: str, views: np.ndarray, emb, patch) -> dict:
+    """Largest differences between freshly computed and stored targets of `views` (torch tensors)."""
+    import torch
+
     stored = [reader.target(fp, int(v)) for v in views]
     s_emb = torch.from_numpy(np.stack([s[0] for s in stored]).astype(np.float32))
     s_patch = torch.from_numpy(np.stack([s[1] for s in stored]).astype(np.float32))

@@ -39,7 +39,7 @@ class CacheLayout:
 
     def qc(self, slide_id: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slide_id)
-        return self.qc_dir / f"{safe}.png"
+        return self.qc_dir / f"{safe}.jpg"
 
 
 def now_iso() -> str:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from g2l_cache.build import BuildConfig, _plan_slides, _slide_specs, _Writers, prepare_cache, shard_of
+from g2l_cache.build_config import BuildConfig
 from g2l_cache.costs import (STUDENT_EFFICIENCY, TEACHER_EFFICIENCY, GPU_PEAK_TFLOPS, gpu_peak_tflops,
-                             gpu_views_per_second, model_flops, teacher_flops_and_dims)
+                             costs_known, gpu_views_per_second, model_costs)
+from g2l_cache.planning import ShardWriters, plan_slides, prepare_cache, shard_of, slide_specs
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.options import option
@@ -70,10 +71,9 @@ def measure_tile_bytes(cfg: BuildConfig, records: list[dict], n: int, tile_table
     """Mean stored bytes of a seeded sample of `n` planned tiles (read from the slides, encoded as the
     build will), and how many were measured. `tile_table(record)`: a planned slide's tile table (read
     only for the slides the sample falls on)."""
-    from g2l_cache.slides import open_slide
+    from g2l_cache.slides import SlideSpec, open_slide
     from g2l_cache.tile_codec import encode_tile
-    from g2l_cache.tiling import TileRecord, read_tile
-    from g2l_cache.work import spec_of
+    from g2l_cache.tiling import TileRecord, read_tiles
 
     counts = np.array([r["n_tiles"] for r in records])
     if counts.sum() == 0:
@@ -85,13 +85,12 @@ def measure_tile_bytes(cfg: BuildConfig, records: list[dict], n: int, tile_table
     for slide_i in np.unique(np.searchsorted(starts, picks, side="right") - 1):
         rec = records[slide_i]
         mine = picks[(picks >= starts[slide_i]) & (picks < starts[slide_i] + counts[slide_i])] - starts[slide_i]
-        slide = open_slide(spec_of(rec))
-        tiles = tile_table(rec)
-        for i in mine:
-            t = tiles.slice(int(i), 1).to_pylist()[0]
-            tile = TileRecord(t["tile_id"], t["x"], t["y"], t["size0"], t["tissue_fraction"])
-            pixels = read_tile(slide, tile, cfg.tiling())
-            sizes.append(len(encode_tile(pixels, cfg.tile_format, cfg.jpeg_quality)))
+        slide = open_slide(SlideSpec.of_record(rec))
+        rows = tile_table(rec).take(mine.tolist()).to_pylist()
+        tiles = [TileRecord(t["tile_id"], t["x"], t["y"], t["size0"], t["tissue_fraction"]) for t in rows]
+        sizes += [len(encode_tile(pixels, cfg.tile_format, cfg.jpeg_quality))
+                  for pixels in read_tiles(slide, tiles, cfg.tiling())]
+        slide.reader.close()
     return float(np.mean(sizes)), len(sizes)
 
 
@@ -105,12 +104,13 @@ def run_plan(cfg: PlanConfig) -> dict:
     build_cfg = cfg.build_config()
     manifest = prepare_cache(build_cfg)
     layout = CacheLayout(cfg.out)
-    specs = _slide_specs(build_cfg, manifest)
-    writers = _Writers(layout)
+    specs = slide_specs(build_cfg, manifest)
+    costs = _CostsInBackground(cfg)  # FLOPs need torch and timm: counted apart while slides are planned
+    writers = ShardWriters(layout)
     failed: dict[str, str] = {}
     try:
         with PlanProgress(cfg.progress, len(specs)) as progress:
-            records = _plan_slides(build_cfg, layout, specs, writers, manifest["n_shards"], progress, failed)
+            records = plan_slides(build_cfg, layout, specs, writers, manifest["n_shards"], progress, failed)
 
         def tile_table(rec: dict):
             return table_from_bytes(writers[shard_of(rec["slide_id"], manifest["n_shards"])].get(tiles_key(rec["slide_id"])))
@@ -119,19 +119,42 @@ def run_plan(cfg: PlanConfig) -> dict:
     finally:
         writers.close()
     _remember_slide_inputs(layout, specs)
-    plan = estimate(cfg, records, failed, tile_bytes, measured)
+    plan = estimate(cfg, records, failed, tile_bytes, measured, costs.result())
     plan["seconds"] = time.time() - started
     (layout.root / PLAN_FILE).write_text(json.dumps(plan, indent=2))
     return plan
 
 
+class _CostsInBackground:
+    """`costs.model_costs` for the plan's teacher and student in a process of its own (spawned, so this
+    one never imports torch), or here when the plan runs without workers."""
+
+    def __init__(self, cfg: PlanConfig):
+        self.args = (cfg.teacher, cfg.crop_size, cfg.student, cfg.student_img_size)
+        self.pool = self.future = None
+        if cfg.num_workers > 0 and not costs_known(*self.args):
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self.future = self.pool.submit(model_costs, *self.args)
+
+    def result(self) -> tuple[float, int, int, float]:
+        if self.future is None:
+            return model_costs(*self.args)
+        try:
+            return self.future.result()
+        finally:
+            self.pool.shutdown()
+
+
 def estimate(cfg: PlanConfig, records: list[dict], failed: dict[str, str], tile_bytes: float,
-             measured: int) -> dict:
-    """The plan's numbers from the planned slide records and the measured bytes per tile."""
+             measured: int, costs: tuple[float, int, int, float]) -> dict:
+    """The plan's numbers from the planned slide records, the measured bytes per tile and the models'
+    costs (`costs.model_costs`)."""
     tiles = sum(r["n_tiles"] for r in records)
     views = tiles * cfg.views
-    teacher_flops, embed_dim, patch_dim = teacher_flops_and_dims(cfg.teacher, cfg.crop_size)
-    student_flops = model_flops(cfg.student, cfg.student_img_size, train=True)
+    teacher_flops, embed_dim, patch_dim, student_flops = costs
     if cfg.views_per_second:
         teacher_rate, rate_source = cfg.views_per_second, "--views-per-second"
     else:
@@ -142,7 +165,7 @@ def estimate(cfg: PlanConfig, records: list[dict], failed: dict[str, str], tile_
     root = CacheLayout(cfg.out).root
     # measured, not estimated: the plan has already written the QC pictures and each shard's index
     # (slide records, tile and view tables); the build only adds its done-bits
-    qc = sum(f.stat().st_size for f in root.joinpath("qc").glob("*.png"))
+    qc = sum(f.stat().st_size for f in root.joinpath("qc").glob("*") if f.suffix in (".jpg", ".png"))  # .png: older caches
     index = sum(dir_bytes(d) for d in root.joinpath("shards").glob("*/index.lmdb"))
     disk = {"tiles": tile_bytes * tiles, "targets": target_row_bytes(embed_dim, patch_dim) * views,
             "tables": TABLE_BYTES_PER_VIEW * views, "shard_index": index, "qc_images": qc}

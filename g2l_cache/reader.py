@@ -9,10 +9,10 @@ Views and tiles are addressed by their row in views.parquet / tiles.parquet.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import numpy as np
 import polars as pl
-import torch
 
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, read_manifest
@@ -20,6 +20,8 @@ from g2l_cache.store import decode_target, read_stored_tile, target_row_bytes
 from g2l_cache.tables import params_from_index
 from g2l_cache.tile_codec import decode_tile
 from g2l_cache.views import ViewParams, ViewPolicy, apply_view
+
+MAX_OPEN_FILES = 256  # data files a reader keeps open per process (least recently used closed first)
 
 
 class CacheReader:
@@ -58,7 +60,7 @@ class CacheReader:
                 # A build extending the cache replaced the tables after this manifest was read.
                 raise G2LError(f"{self.layout.root} changed while it was opened (a build is finishing "
                                "it); open it again.")
-            self._fds: dict = {}
+            self._fds: OrderedDict = OrderedDict()
             self._pid = os.getpid()
 
     # -- tables ------------------------------------------------------------------------------
@@ -105,14 +107,20 @@ class CacheReader:
 
     # -- values ------------------------------------------------------------------------------
     def _fd(self, path) -> int:
+        """An open descriptor of a data file, kept for the next read (at most MAX_OPEN_FILES at once:
+        a cache of a thousand shards has two thousand data files)."""
         self._own()
         fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise G2LError(f"{path} is missing; the cache is incomplete (re-run "
-                               "`g2l cache build`).") from None
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        while len(self._fds) >= MAX_OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
+        try:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise G2LError(f"{path} is missing; the cache is incomplete (re-run "
+                           "`g2l cache build`).") from None
         return fd
 
     def tile_bytes(self, tile: int) -> bytes:
@@ -145,7 +153,7 @@ class CacheReader:
     def view_params(self, view: int) -> ViewParams:
         return params_from_index(self.view_index[view], self.policy)
 
-    def replay(self, view: int) -> torch.Tensor:
+    def replay(self, view: int):
         """The exact [0, 1] input the teacher saw for view `view` (a row of views.parquet)."""
         return apply_view(self.tile_pixels(int(self.view_index[view]["tile"])), self.view_params(view))
 

@@ -1,4 +1,4 @@
-"""Find slides (files, folders, CSV manifests) and open them through tiatoolbox with a known mpp."""
+"""Find slides (files, folders, CSV manifests) and open them (OpenSlide, else tiatoolbox) with a known mpp."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from g2l_cache.errors import G2LError
-from g2l_cache.tia import import_tiatoolbox
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg",
                     ".qptiff", ".scn", ".bif", ".vms", ".vmu")
@@ -26,12 +25,17 @@ class SlideSpec:
     path: str
     mpp_override: float | None = None
 
+    @classmethod
+    def of_record(cls, record: dict) -> "SlideSpec":
+        """The spec a planned slide's record was made from."""
+        return cls(record["slide_id"], record["path"], record.get("mpp_override"))
+
 
 @dataclass(frozen=True)
 class OpenedSlide:
     """An opened slide with the facts the cache records about it."""
 
-    reader: object  # tiatoolbox WSIReader
+    reader: object  # g2l_cache.wsi reader: OpenSlide's, or tiatoolbox's for what OpenSlide does not read
     mpp: float
     mpp_source: str  # "slide" or "override"
     width: int
@@ -107,32 +111,30 @@ def discover_slides(inputs: list[str | Path], mpp_override: float | None = None,
     return [unique[k] for k in sorted(unique)]
 
 
-def open_slide(spec: SlideSpec) -> OpenedSlide:
-    """Open a slide with tiatoolbox's WSIReader.open; raise SlideError naming the fix if unusable."""
+def open_slide(spec: SlideSpec, cache_bytes: int = 0) -> OpenedSlide:
+    """Open a slide (OpenSlide, else tiatoolbox's WSIReader.open); raise SlideError naming the fix if unusable.
+    `cache_bytes`: OpenSlide's cache of decoded tiles (for reading many tiles of the slide)."""
+    from g2l_cache.wsi import open_reader
+
     path = Path(spec.path)
     if not path.exists():
         raise SlideError(f"slide file {path} does not exist.")
     if path.is_file() and path.stat().st_size == 0:
         raise SlideError(f"slide file {path} is empty.")
     try:
-        import_tiatoolbox()
-        from tiatoolbox.wsicore.wsireader import WSIReader
-
-        mpp_arg = (spec.mpp_override, spec.mpp_override) if spec.mpp_override else None
-        reader = WSIReader.open(path, mpp=mpp_arg)
-        info = reader.info
-    except Exception as exc:  # tiatoolbox, tifffile and OpenSlide raise many types
+        reader = open_reader(path, spec.mpp_override, cache_bytes)
+        width, height = reader.levels[0].width, reader.levels[0].height
+    except Exception as exc:  # OpenSlide, tiatoolbox and tifffile raise many types
         raise SlideError(f"cannot read {path.name} as a slide ({type(exc).__name__}: {exc}); "
                          "check the file is a complete, supported WSI.") from None
     if spec.mpp_override:
         mpp, source = float(spec.mpp_override), "override"
-    elif info.mpp is not None and float(info.mpp[0]) > 0:
-        mpp, source = float(info.mpp[0]), "slide"
+    elif reader.mpp is not None and reader.mpp > 0:
+        mpp, source = float(reader.mpp), "slide"
     else:
         raise SlideError(f"{path.name} has no mpp (microns per pixel) metadata; pass "
                          "--mpp-override MPP, or an 'mpp' column in a slide CSV.")
-    width, height = (int(v) for v in info.slide_dimensions)
-    return OpenedSlide(reader, mpp, source, width, height, type(reader).__name__)
+    return OpenedSlide(reader, mpp, source, int(width), int(height), reader.name)
 
 
 CONTENT_BLOCK = 1 << 18  # bytes hashed at each end of a slide file: header, first and last directories

@@ -160,6 +160,23 @@ def empty_tloc(n_tiles: int) -> np.ndarray:
     return out
 
 
+def raise_open_file_limit(wanted: int = 65536) -> None:
+    """Raise this process's soft limit of open files towards `wanted` (within the hard limit): a build
+    or a fit over a cache of a thousand shards may hold more than the common default of 1,024."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: the caps below still hold
+        pass
+
+
+raise_open_file_limit()
+
+
 # -- environments ----------------------------------------------------------------------------------
 _OPEN: dict[str, tuple[int, lmdb.Environment, bool]] = {}
 # Growing the map while another thread of this process holds a read transaction is undefined
@@ -201,6 +218,13 @@ def shared_env(shard_dir: Path, write: bool = False, lock: bool = True) -> lmdb.
                        "to the cache folder.") from None
     _OPEN[key] = (pid, env, write)
     return env
+
+
+def close_reader_env(shard_dir: Path) -> None:
+    """Close this process's index environment of a shard if it was opened for reading (a writer's stays)."""
+    entry = _OPEN.get(os.path.realpath(index_path(shard_dir)))
+    if entry is not None and not entry[2]:
+        close_env(shard_dir)
 
 
 def close_env(shard_dir: Path) -> None:

@@ -61,17 +61,13 @@ def slide_tables(slide_id: str, tiles: list[TileRecord], read_mpp: float, tile_p
                            "read_mpp": [float(read_mpp)] * n, "tile_px": [tile_px] * n,
                            "tissue_fraction": [float(t.tissue_fraction) for t in tiles]},
                           schema=TILE_SCHEMA)
-    cols: dict[str, list] = {c: [] for c in VIEW_SCHEMA.names}
-    for tile_id in tile_ids:
-        for k in range(k_views):
-            params = sample_view(seed, tile_id, k, policy).to_dict()
-            cols["view_id"].append(make_view_id(tile_id, k))
-            cols["tile_id"].append(tile_id)
-            cols["slide_id"].append(slide_id)
-            cols["view_index"].append(k)
-            for name, value in params.items():
-                cols[name].append(value)
-    return tile_table, pa.table(cols, schema=VIEW_SCHEMA)
+    names = view_param_names()
+    drawn = [sample_view(seed, tile_id, k, policy) for tile_id in tile_ids for k in range(k_views)]
+    cols: dict[str, list] = {name: [getattr(p, name) for p in drawn] for name in names}
+    cols.update(view_id=[make_view_id(t, k) for t in tile_ids for k in range(k_views)],
+                tile_id=[t for t in tile_ids for _ in range(k_views)], slide_id=[slide_id] * (n * k_views),
+                view_index=list(range(k_views)) * n)
+    return tile_table, pa.table({c: cols[c] for c in VIEW_SCHEMA.names}, schema=VIEW_SCHEMA)
 
 
 def view_index_rows(views: pa.Table, first_tile: int, k_views: int, row_start: int) -> np.ndarray:

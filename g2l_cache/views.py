@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-import torch
 
 from g2l_cache.errors import G2LError
 
@@ -68,7 +67,8 @@ class ViewParams:
     blur_kernel: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # every field is a plain value: no deep copy needed (asdict's costs 12 us a view)
+        return {name: getattr(self, name) for name in _VIEW_FIELDS}
 
     @classmethod
     def from_dict(cls, row: dict) -> "ViewParams":
@@ -76,16 +76,30 @@ class ViewParams:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
+_VIEW_FIELDS = tuple(f.name for f in fields(ViewParams))
+
+
 def view_param_names() -> list[str]:
     """Column names of the view parameters, in storage order."""
-    return [f.name for f in fields(ViewParams)]
+    return list(_VIEW_FIELDS)
 
 
 def _view_rng(seed: int, tile_id: str, view_index: int) -> np.random.Generator:
     # Hashing the key (not Python's hash(), which is salted per process) gives every view its own
-    # stream, independent of which other views exist or in what order they are drawn.
-    digest = hashlib.blake2b(f"{seed}|{tile_id}|{view_index}".encode(), digest_size=16).digest()
-    return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+    # stream, independent of which other views exist or in what order they are drawn. The digest's
+    # 32-bit words (high zero words dropped) are the entropy SeedSequence makes of the 128-bit integer
+    # they spell: the same stream, seeded without converting a Python int.
+    words = np.frombuffer(hashlib.blake2b(f"{seed}|{tile_id}|{view_index}".encode(), digest_size=16).digest(),
+                          dtype="<u4")
+    n = len(words)
+    while n > 1 and words[n - 1] == 0:
+        n -= 1
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words[:n])))
+
+
+def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    # what Generator.uniform computes (low + (high - low) * next double), without its call overhead
+    return low + (high - low) * rng.random()
 
 
 def sample_view(seed: int, tile_id: str, view_index: int, policy: ViewPolicy) -> ViewParams:
@@ -97,19 +111,21 @@ def sample_view(seed: int, tile_id: str, view_index: int, policy: ViewPolicy) ->
     hflip = bool(rng.random() < policy.hflip_p)
     vflip = bool(rng.random() < policy.vflip_p)
     jitter_applied = bool(rng.random() < policy.jitter_p)
-    brightness = float(rng.uniform(1 - policy.brightness, 1 + policy.brightness))
-    contrast = float(rng.uniform(1 - policy.contrast, 1 + policy.contrast))
-    saturation = float(rng.uniform(1 - policy.saturation, 1 + policy.saturation))
-    hue = float(rng.uniform(-policy.hue, policy.hue))
-    order = "".join(JITTER_OPS[i] for i in rng.permutation(len(JITTER_OPS)))
+    brightness = _uniform(rng, 1 - policy.brightness, 1 + policy.brightness)
+    contrast = _uniform(rng, 1 - policy.contrast, 1 + policy.contrast)
+    saturation = _uniform(rng, 1 - policy.saturation, 1 + policy.saturation)
+    hue = _uniform(rng, -policy.hue, policy.hue)
+    order = "".join([JITTER_OPS[i] for i in rng.permutation(len(JITTER_OPS))])
     blur_applied = bool(rng.random() < policy.blur_p)
-    blur_sigma = float(rng.uniform(policy.blur_sigma_min, policy.blur_sigma_max))
+    blur_sigma = _uniform(rng, policy.blur_sigma_min, policy.blur_sigma_max)
     return ViewParams(crop_x, crop_y, policy.crop_size, hflip, vflip, jitter_applied, brightness,
                       contrast, saturation, hue, order, blur_applied, blur_sigma, policy.blur_kernel)
 
 
-def apply_view(pixels: np.ndarray, params: ViewParams) -> torch.Tensor:
+def apply_view(pixels: np.ndarray, params: ViewParams) -> "torch.Tensor":  # noqa: F821
     """Make the model input of one view: float32 CHW in [0, 1] from HWC uint8 RGB tile pixels."""
+    import torch  # here, not at the top: planning imports this module and needs no torch
+
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise G2LError(f"tile pixels must be HxWx3 uint8, got {pixels.shape} {pixels.dtype}.")
     s = params.crop_size

@@ -1,4 +1,4 @@
-"""The two datasets a build feeds through DataLoader workers: slide planning and view chunks."""
+"""The dataset a build feeds its teacher through DataLoader workers: chunks of a slide's views."""
 
 from __future__ import annotations
 
@@ -12,57 +12,16 @@ from torch.utils.data import Dataset
 
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout
-from g2l_cache.qc import write_qc_png
-from g2l_cache.slides import OpenedSlide, SlideSpec, file_fingerprint, open_slide
+from g2l_cache.slides import OpenedSlide, SlideSpec, open_slide
+from g2l_cache.staging import local_copy
 from g2l_cache.canary import view_digest
-from g2l_cache.store import (TLOC_DTYPE, get_value, read_stored_tile, shared_env, slide_key, table_from_bytes,
-                             table_to_bytes, tiles_key, tloc_key, views_key)
-from g2l_cache.tables import slide_tables
+from g2l_cache.store import (TLOC_DTYPE, close_reader_env, get_value, read_stored_tile, shared_env, slide_key,
+                             table_from_bytes, tiles_key, tloc_key, views_key)
 from g2l_cache.tile_codec import decode_tile, encode_tile
-from g2l_cache.tiling import TileRecord, TilingConfig, plan_tiles, read_tile
+from g2l_cache.tiling import TileRecord, TilingConfig, read_tiles
 from g2l_cache.views import ViewParams, ViewPolicy, apply_view, view_param_names
 
-
-def spec_of(record: dict) -> SlideSpec:
-    return SlideSpec(record["slide_id"], record["path"], record.get("mpp_override"))
-
-
-class PlanDataset(Dataset):
-    """Item i: plan slide i (open, tissue mask, tiles, QC picture) and return its slide record."""
-
-    def __init__(self, specs: list[SlideSpec], tiling: TilingConfig, seed: int, cache_root: str,
-                 policy: ViewPolicy, views_per_tile: int):
-        self.specs, self.tiling, self.seed, self.cache_root = specs, tiling, seed, cache_root
-        self.policy, self.k = policy, views_per_tile
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    def __getitem__(self, i: int) -> dict:
-        spec = self.specs[i]
-        record = {"slide_id": spec.slide_id, "path": spec.path, "mpp_override": spec.mpp_override,
-                  "file": file_fingerprint(spec.path), "read_mpp": self.tiling.mpp,
-                  "tile_px": self.tiling.tile_size, "status": "failed", "error": None,
-                  "mpp": None, "mpp_source": None, "width": None, "height": None, "reader": None,
-                  "n_candidates": 0, "n_tiles": 0, "n_views": 0, "tables": None}
-        try:
-            slide = open_slide(spec)
-            record.update(mpp=slide.mpp, mpp_source=slide.mpp_source, width=slide.width,
-                          height=slide.height, reader=slide.reader_name)
-            plan = plan_tiles(slide, spec.slide_id, self.tiling, self.seed)
-            write_qc_png(CacheLayout(self.cache_root).qc(spec.slide_id), plan, slide.width,
-                         spec.slide_id)
-            tiles, views = slide_tables(spec.slide_id, plan.tiles, self.tiling.mpp,
-                                        self.tiling.tile_size, self.k, self.seed, self.policy)
-            record.update(status="ok", n_candidates=plan.n_candidates, n_tiles=len(plan.tiles),
-                          n_views=len(plan.tiles) * self.k,
-                          tables=(table_to_bytes(tiles), table_to_bytes(views)))
-        except G2LError as exc:
-            record["error"] = str(exc)
-        except Exception as exc:  # one bad slide never sinks a run
-            record["error"] = (f"opening and planning the slide failed ({type(exc).__name__}: {exc}); the "
-                               "file may be truncated or damaged")
-        return record
+TILE_CACHE_BYTES = 96 << 20  # OpenSlide's decoded tiles per loader worker (see wsi.OpenSlideReader)
 
 
 class ChunkDataset(Dataset):
@@ -84,17 +43,31 @@ class ChunkDataset(Dataset):
         self._slide_state: tuple | None = None
         self._slides: OrderedDict[str, OpenedSlide] = OrderedDict()
         self._fds: dict[int, tuple[int, int]] = {}
+        self.staged: dict[str, str] = {}  # slide_id -> its local copy under --stage-dir, once complete
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_slide_state=None, _slides=OrderedDict(), _fds={})
+        state.update(_slide_state=None, _slides=OrderedDict(), _fds={}, _shard=None)
         return state
 
     def _get(self, shard: int, key: bytes) -> bytes | None:
+        self._use_shard(shard)
         return get_value(shared_env(self.layout.shard(shard)), key)
+
+    def _use_shard(self, shard: int) -> None:
+        """Chunks come shard by shard: the previous shard's index and tile file are closed when the
+        next begins (a cache has up to thousands of shards; each open one holds descriptors)."""
+        for other in [s for s in self._fds if s != shard]:
+            pid, fd = self._fds.pop(other)
+            if pid == os.getpid():
+                os.close(fd)
+        previous = getattr(self, "_shard", None)
+        if previous is not None and previous != shard:
+            close_reader_env(self.layout.shard(previous))
+        self._shard = shard
 
     def _state(self, shard: int, slide_id: str) -> tuple[dict, list[TileRecord], np.ndarray, dict]:
         """The slide's record, tiles, tile locations and stored view parameters (read once per slide)."""
@@ -114,6 +87,7 @@ class ChunkDataset(Dataset):
         return ViewParams(**{name: values[view] for name, values in params.items()})
 
     def _stored_tile(self, shard: int, loc) -> bytes:
+        self._use_shard(shard)
         entry = self._fds.get(shard)
         if entry is None or entry[0] != os.getpid():
             entry = (os.getpid(), os.open(self.layout.tiles_file(shard), os.O_RDONLY))
@@ -124,9 +98,13 @@ class ChunkDataset(Dataset):
     def _slide(self, record: dict) -> OpenedSlide:
         sid = record["slide_id"]
         if sid not in self._slides:
-            self._slides[sid] = open_slide(spec_of(record))
-            while len(self._slides) > 4:
-                self._slides.popitem(last=False)
+            spec = SlideSpec.of_record(record)
+            local = local_copy(self.staged[sid]) if sid in self.staged else None
+            if local is not None:  # the same bytes, on local disk; the record keeps the original path
+                spec = SlideSpec(spec.slide_id, local, spec.mpp_override)
+            self._slides[sid] = open_slide(spec, cache_bytes=TILE_CACHE_BYTES)
+            while len(self._slides) > 1:  # one cache at a time: a worker reads one slide's chunks after another
+                self._slides.popitem(last=False)[1].reader.close()
         return self._slides[sid]
 
     def __getitem__(self, i: int) -> dict:
@@ -140,19 +118,23 @@ class ChunkDataset(Dataset):
         tile = None
         try:
             record, tiles, tloc, stored_params = self._state(shard, slide_id)
-            pixels, new_tiles, tensors = {}, [], []
-            for v in indices.tolist():
-                t_index, k = divmod(v, self.k)
-                tile = tiles[t_index]
-                if t_index not in pixels:
-                    if tloc["offset"][t_index] >= 0:
-                        data = self._stored_tile(shard, tloc[t_index])
-                    else:
-                        raw = read_tile(self._slide(record), tile, self.tiling)
-                        data = encode_tile(raw, self.tile_format, self.jpeg_quality)
-                        new_tiles.append((t_index, data))
-                    pixels[t_index] = decode_tile(data)
-                tensors.append(apply_view(pixels[t_index], self.view_params(stored_params, v)))
+            needed = list(dict.fromkeys(int(v) // self.k for v in indices.tolist()))
+            data, new_tiles = {}, []
+            for t_index in needed:  # stored tiles: their bytes
+                if tloc["offset"][t_index] >= 0:
+                    tile = tiles[t_index]
+                    data[t_index] = self._stored_tile(shard, tloc[t_index])
+            unread = [t for t in needed if t not in data]
+            if unread:  # the rest from the slide, neighbours in one read, encoded as they are stored
+                tile = tiles[unread[0]]
+                for t_index, raw in zip(unread, read_tiles(self._slide(record), [tiles[t] for t in unread],
+                                                             self.tiling)):
+                    data[t_index] = encode_tile(raw, self.tile_format, self.jpeg_quality)
+                    new_tiles.append((t_index, data[t_index]))
+            # the teacher sees the view made from the stored bytes, decoded
+            pixels = {t: decode_tile(data[t]) for t in needed}
+            tensors = [apply_view(pixels[int(v) // self.k], self.view_params(stored_params, int(v)))
+                       for v in indices.tolist()]
             # The slide's first view is its canary: the digest of exactly what the teacher sees.
             first = np.flatnonzero(indices == 0)
             out.update(views=torch.stack(tensors), new_tiles=new_tiles,

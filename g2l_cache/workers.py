@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 import time
-
-import torch
 
 WATCH_SECONDS = 1.0
 
@@ -17,8 +16,23 @@ def loader_worker_init() -> functools.partial:
     return functools.partial(_init_worker, os.getpid())
 
 
+def share_worker_imports(*modules: str) -> None:
+    """Have the fork server import these modules before it forks DataLoader workers: the workers then
+    share those pages with it instead of importing torch each (a build worker's PSS fell from ~350 MB
+    to ~80 MB here). Takes effect when the process first starts its fork server."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(list(modules))
+
+
+def worker_init(main_pid: int) -> None:
+    """Set up a pool worker of the process `main_pid`: one thread, and exit when that process is gone."""
+    _init_worker(main_pid, 0)
+
+
 def _init_worker(main_pid: int, _worker_id: int) -> None:
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:  # a worker that computes with torch: one thread each
+        sys.modules["torch"].set_num_threads(1)
     # A forkserver worker's parent is the fork server, not the main process, so PyTorch's own
     # parent check never fires when the main process is killed (kill -9, OOM killer, preemption):
     # the worker would live on holding its memory. Watch the main process itself.
@@ -26,12 +40,13 @@ def _init_worker(main_pid: int, _worker_id: int) -> None:
 
 
 def _exit_when_gone(pid: int) -> None:
-    while _alive(pid):
+    while process_alive(pid):
         time.sleep(WATCH_SECONDS)
     os._exit(1)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while process `pid` runs on this machine (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

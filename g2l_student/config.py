@@ -7,13 +7,9 @@ from typing import ClassVar
 
 from g2l_cache.errors import G2LError
 from g2l_cache.options import option
-from g2l_student.data import VIEW_CHOICES
-from g2l_student.losses import LOGSUM_OVER, LOSSES
-from g2l_student.model import DEFAULT_STUDENT
+from g2l_student.choices import DEFAULT_STUDENT, HEAD_INITS, LOGSUM_OVER, LOSSES, TARGETS, VIEW_CHOICES
 from g2l_student.rundir import RunDir
-from g2l_student.task import TARGETS
 
-HEAD_INITS = ("targets", "default")
 # What a resumed run may change: none of these alters what it computes. The cache may move (the
 # run checks the cache's fingerprint instead of its path).
 RESUME_MAY_CHANGE = {"cache", "out", "resume", "overwrite", "num_workers", "progress", "checkpoint_every",

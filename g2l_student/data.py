@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import Dataset
 
 from g2l_cache import CacheReader, G2LError, apply_view, sample_view
+from g2l_student.choices import VIEW_CHOICES
 
-VIEW_CHOICES = ("one", "all")
 
 
 def select_views(reader: CacheReader, slides_file: str | None = None,

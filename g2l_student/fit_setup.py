@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from g2l_cache.canary import CanaryCheck, check_canaries
 from g2l_cache.errors import G2LWarning
 from g2l_cache.layout import now_iso
 from g2l_cache.teachers import Teacher
-from g2l_cache.workers import loader_worker_init
+from g2l_cache.workers import loader_worker_init, share_worker_imports
+from g2l_student.checkpoint import Snapshot, StagingBuffers, load_checkpoint, take_snapshot
 from g2l_student.config import FitConfig
 from g2l_student.data import CachedViews, FreshViews, samples_per_epoch, view_slides
 from g2l_student.live_teachers import LiveTeachers, build_online_teacher
@@ -72,6 +74,7 @@ class FitRun:
     total_steps: int
     session_started: str
     session_clock: float
+    buffers: StagingBuffers = field(default_factory=StagingBuffers)  # CPU copies of the state between saves
 
     @property
     def main(self) -> bool:
@@ -85,6 +88,16 @@ class FitRun:
         """Fidelity of the student (or `model`) on the held-out views."""
         return self.task.fidelity(self.fidelity_set, self.accelerator.device, model or self.plain_student,
                                   self.live_fidelity)
+
+    def snapshot(self) -> Snapshot | None:
+        """This step's state copied off the training path (main process; None on the others)."""
+        return take_snapshot(self.accelerator, self.student, self.optimizer, self.scheduler, self.ema, self.state,
+                             self.early_stop, self.buffers)
+
+    def load(self, checkpoint: Path) -> None:
+        """Every piece of the run as a checkpoint saved it."""
+        load_checkpoint(checkpoint, self.accelerator, self.student, self.optimizer, self.scheduler, self.ema,
+                        self.state, self.early_stop)
 
 
 def set_up_fit(cfg: FitConfig, student: Student | None = None,
@@ -308,6 +321,7 @@ def worker_kwargs(num_workers: int, use_cpu: bool) -> dict:
     restart per epoch), exiting with the main process."""
     if num_workers == 0:
         return {"num_workers": 0, "pin_memory": not use_cpu}
+    share_worker_imports("torch", "g2l_student.data")
     return {"num_workers": num_workers, "pin_memory": not use_cpu, "persistent_workers": True,
             "multiprocessing_context": "forkserver", "prefetch_factor": 4,
             "worker_init_fn": loader_worker_init()}

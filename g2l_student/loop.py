@@ -14,7 +14,7 @@ import torch
 
 from g2l_cache.errors import G2LError
 from g2l_cache.timing import BatchClock, timed_iter
-from g2l_student.checkpoint import save_checkpoint
+from g2l_student.checkpoint_saver import CheckpointSaver
 from g2l_student.fit_setup import FitRun, metric_columns_of
 from g2l_student.rundir import RunDir
 from g2l_student.sampler import RunSampler
@@ -29,6 +29,7 @@ class LoopOutcome:
     last_loss: float | None
     first_step: int
     clock: BatchClock
+    checkpoints: dict | None = None  # saves, seconds training was held, seconds written in the background
 
 
 def train_loop(fit: FitRun, loader, sampler: RunSampler) -> LoopOutcome:
@@ -38,50 +39,53 @@ def train_loop(fit: FitRun, loader, sampler: RunSampler) -> LoopOutcome:
     progress = StepProgress(fit.main and cfg.progress, fit.total_steps, state.step)
     outcome = LoopOutcome("steps", None, state.step, BatchClock())
     pending, started, data_wait, unlogged = [], time.time(), 0.0, None
-    for waited, (views, t_cls, t_patch) in timed_iter(loader):
-        outcome.clock.arrived(len(views), waited)
-        data_wait += waited
-        with acc.accumulate(fit.student):
-            losses = fit.task.head_losses(views, t_cls, t_patch, model=fit.student)
-            loss = fit.task.total(losses)
-            acc.backward(loss)
-            grad_norm = acc.clip_grad_norm_(fit.student.parameters(), cfg.grad_clip) \
-                if acc.sync_gradients and cfg.grad_clip > 0 else None
-            fit.optimizer.step()
-            if acc.sync_gradients:
-                fit.scheduler.step()
-            fit.optimizer.zero_grad()
-        state.micro_batch += 1
-        pending.append((loss.detach(), {t: v.detach() for t, v in fit.task.per_teacher(losses).items()}
-                        if several else {}))
-        if not acc.sync_gradients:
-            continue
-        state.step += 1
-        step = step_metrics(fit, pending, grad_norm, sampler.epoch_of(state.micro_batch - 1),
-                            time.time() - started, data_wait)
-        pending, data_wait = [], 0.0
-        if fit.ema is not None:
-            fit.ema.update(fit.plain_student)
-        if cfg.val_every and state.step % cfg.val_every == 0 and fit.main:
-            step.update({f"val_{k}": v for k, v in fit.measure_fidelity().items() if v is not None and k != "views"})
-        # Reading the loss waits for the GPU. Without early stopping, step N is read after step
-        # N+1 is queued, so the host never leaves the device idle; the rule needs it at once.
-        to_log, unlogged = (step, None) if cfg.early_stop else (unlogged, step)
-        stop = False
-        if to_log is not None:
-            outcome.last_loss = log_step(fit.run, progress, to_log, fit.main, columns)
-            stop = cfg.early_stop == "g2l" and fit.early_stop.update(outcome.last_loss)
-        if stop or state.step % cfg.checkpoint_every == 0 or state.step == fit.total_steps:
-            if unlogged is not None:  # a checkpoint's metrics must be on disk with it
-                outcome.last_loss, unlogged = log_step(fit.run, progress, unlogged, fit.main, columns), None
-            save_checkpoint(acc, fit.run, state, fit.early_stop, cfg.keep_checkpoints, fit.ema)
-        if stop:
-            outcome.stopped = "early-stop"
-            break
+    with CheckpointSaver(fit.run, cfg.keep_checkpoints) as saver:
+        for waited, (views, t_cls, t_patch) in timed_iter(loader):
+            outcome.clock.arrived(len(views), waited)
+            data_wait += waited
+            with acc.accumulate(fit.student):
+                losses = fit.task.head_losses(views, t_cls, t_patch, model=fit.student)
+                loss = fit.task.total(losses)
+                acc.backward(loss)
+                grad_norm = acc.clip_grad_norm_(fit.student.parameters(), cfg.grad_clip) \
+                    if acc.sync_gradients and cfg.grad_clip > 0 else None
+                fit.optimizer.step()
+                if acc.sync_gradients:
+                    fit.scheduler.step()
+                fit.optimizer.zero_grad()
+            state.micro_batch += 1
+            pending.append((loss.detach(), {t: v.detach() for t, v in fit.task.per_teacher(losses).items()}
+                            if several else {}))
+            if not acc.sync_gradients:
+                continue
+            state.step += 1
+            step = step_metrics(fit, pending, grad_norm, sampler.epoch_of(state.micro_batch - 1),
+                                time.time() - started, data_wait)
+            pending, data_wait = [], 0.0
+            if fit.ema is not None:
+                fit.ema.update(fit.plain_student)
+            if cfg.val_every and state.step % cfg.val_every == 0 and fit.main:
+                step.update({f"val_{k}": v for k, v in fit.measure_fidelity().items() if v is not None and k != "views"})
+            # Reading the loss waits for the GPU. Without early stopping, step N is read after step
+            # N+1 is queued, so the host never leaves the device idle; the rule needs it at once.
+            to_log, unlogged = (step, None) if cfg.early_stop else (unlogged, step)
+            stop = False
+            if to_log is not None:
+                outcome.last_loss = log_step(fit.run, progress, to_log, fit.main, columns)
+                stop = cfg.early_stop == "g2l" and fit.early_stop.update(outcome.last_loss)
+            if stop or state.step % cfg.checkpoint_every == 0 or state.step == fit.total_steps:
+                if unlogged is not None:  # a checkpoint's metrics must be on disk with it
+                    outcome.last_loss, unlogged = log_step(fit.run, progress, unlogged, fit.main, columns), None
+                saver.save(fit.snapshot, fit.run.checkpoint_dir(state.step))
+            if stop:
+                outcome.stopped = "early-stop"
+                break
     if unlogged is not None:
         outcome.last_loss = log_step(fit.run, progress, unlogged, fit.main, columns)
     progress.close()
     outcome.clock.finished()
+    outcome.checkpoints = {"saved": saver.saved, "held_seconds": round(saver.held_seconds, 3),
+                           "written_seconds": round(saver.write_seconds, 3)}
     return outcome
 
 

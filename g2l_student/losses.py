@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from g2l_cache.errors import G2LError
+from g2l_student.choices import LOGSUM_OVER, LOSSES
 
-LOGSUM_OVER = ("sample", "batch")
 
 
 def logsum_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 4.0,
@@ -56,7 +56,7 @@ LOSS_FUNCTIONS = {
     "smooth-l1": lambda s, t, alpha, over: smooth_l1_loss(s, t),
     "mse": lambda s, t, alpha, over: mse_loss(s, t),
 }
-LOSSES = tuple(LOSS_FUNCTIONS)
+assert tuple(LOSS_FUNCTIONS) == LOSSES, "g2l_student.choices.LOSSES names every loss"
 
 
 def get_loss(name: str, alpha: float = 4.0, logsum_over: str = "sample"):

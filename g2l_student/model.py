@@ -13,7 +13,6 @@ from g2l_cache.teachers import split_embedding
 from g2l_cache.weights import create_timm_model, load_state_dict_file
 from g2l_student.hf_dinov2 import hf_checkpoint_folder, load_hf_student
 
-DEFAULT_STUDENT = "vit_large_patch14_reg4_dinov2"
 # What a user can do when a student's published weights cannot be had.
 STUDENT_FIXES = ("log in with `hf auth login`, pass --student-weights (a .safetensors file, or a transformers "
                  "DINOv2 folder with config.json + model.safetensors), or --random-init")

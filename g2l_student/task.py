@@ -16,7 +16,6 @@ from g2l_student.fidelity import measure_fidelity
 from g2l_student.model import Student
 from g2l_student.targets import HeadTarget, TeacherSlot, head_targets, select_targets
 
-TARGETS = ("cls", "mean-patch", "both")
 
 
 @dataclass

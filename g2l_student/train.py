@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from g2l_cache.build import device_label
 from g2l_cache.layout import now_iso
 from g2l_cache.teachers import Teacher
-from g2l_student.checkpoint import load_loop_state
 from g2l_student.config import FitConfig
 from g2l_student.export import export_run
 from g2l_student.fit_setup import FitRun, build_loader, set_up_fit
@@ -34,6 +33,7 @@ class FitResult:
     # This session's loop from the first batch on (worker start-up left out):
     steps_per_second: float = 0.0
     data_wait_share: float = 0.0  # share of that time spent waiting for the data loader
+    checkpoints: dict | None = None  # saves, seconds training was held by them, seconds written behind it
 
 
 def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | list[Teacher] | None = None
@@ -53,8 +53,7 @@ def resume_or_start(fit: FitRun) -> None:
     measures the untrained student's fidelity."""
     checkpoint = fit.run.last_checkpoint() if fit.cfg.resume else None
     if checkpoint is not None:
-        fit.accelerator.load_state(str(checkpoint))
-        load_loop_state(checkpoint, fit.state, fit.early_stop, fit.ema)
+        fit.load(checkpoint)
         if fit.main:
             fit.run.truncate_metrics(fit.state.step)
     elif fit.main:
@@ -79,11 +78,12 @@ def finish_fit(fit: FitRun, outcome: LoopOutcome) -> FitResult:
         session = {"started": fit.session_started, "finished": now_iso(),
                    "wall_seconds": time.time() - fit.session_clock, "processes": fit.accelerator.num_processes,
                    "device": device_label(fit.accelerator.device), "steps": [outcome.first_step, state.step],
-                   "views": views}
+                   "views": views, "checkpoints": outcome.checkpoints}
         fit.run.update_info(status="finished", steps=state.step, stopped=outcome.stopped,
                             ledger=[*fit.run.info().get("ledger", []), session])
         export_dir = str(export_run(fit.run.root))  # last: its model card reads the fidelity and the ledger
     fit.accelerator.wait_for_everyone()
     seconds = outcome.clock.seconds()
     return FitResult(str(fit.run.root), state.step, outcome.stopped, outcome.last_loss, fidelity, export_dir,
-                     (state.step - outcome.first_step) / seconds if seconds else 0.0, outcome.clock.wait_share())
+                     (state.step - outcome.first_step) / seconds if seconds else 0.0, outcome.clock.wait_share(),
+                     outcome.checkpoints)

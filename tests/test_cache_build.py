@@ -33,8 +33,8 @@ def test_tables_and_manifest_agree(built_cache):
     for row in views.sample(20, seed=0).to_dicts():
         assert ViewParams.from_dict(row) == sample_view(0, row["tile_id"], row["view_index"],
                                                         reader.policy)
-    assert sorted(p.name for p in (built_cache / "qc").glob("*.png")) == \
-        sorted(f"{s}.png" for s in slides["slide_id"].to_list())
+    assert sorted(p.name for p in (built_cache / "qc").glob("*.jpg")) == \
+        sorted(f"{s}.jpg" for s in slides["slide_id"].to_list())
 
 
 def test_mpp_is_read_from_the_slide_and_tiles_cover_the_right_area(built_cache):

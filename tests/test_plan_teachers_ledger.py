@@ -18,7 +18,7 @@ from cli.main import app
 from g2l_cache import CacheReader, G2LError
 from g2l_cache.build import run_build
 from g2l_cache.costs import TEACHER_EFFICIENCY
-from g2l_cache.work import PlanDataset
+from g2l_cache.planning import plan_one_slide
 from g2l_student.config import FitConfig
 from g2l_student.ledger import reused_text
 from g2l_student.rundir import RunDir
@@ -54,15 +54,15 @@ def test_plan_counts_and_costs_a_build_that_then_starts_from_it(demo_dir, tmp_pa
     assert plan["tiles_measured"] == 30
 
     # the build starts from the plan: only the failed slide is tried again
-    import g2l_cache.build as build
+    import g2l_cache.planning as planning
 
     planned_again = []
 
-    def recording(specs, *args):
-        planned_again.extend(s.slide_id for s in specs)
-        return PlanDataset(specs, *args)
+    def recording(spec, *args):
+        planned_again.append(spec.slide_id)
+        return plan_one_slide(spec, *args)
 
-    monkeypatch.setattr(build, "PlanDataset", recording)
+    monkeypatch.setattr(planning, "plan_one_slide", recording)
     res = runner.invoke(app, ["cache", "build", "--out", str(cache), "--teacher", TEACHER, "--random-init",
                               "--num-workers", "0", "--no-progress"])
     assert res.exit_code == 0, res.output

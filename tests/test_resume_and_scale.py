@@ -13,6 +13,7 @@ import polars as pl
 
 from helpers import cache_content, committed_targets, copy_slides, run_cli, small_config
 from g2l_cache.build import run_build, shard_of
+from g2l_cache.build_config import DEFAULT_SHARDS
 from g2l_cache.reader import CacheReader
 
 REPO = Path(__file__).parent.parent
@@ -124,17 +125,21 @@ def test_two_process_build_equals_one_process_build(demo_dir, tmp_path):
 
 def test_a_cache_built_by_one_rank_is_extended_by_two_using_both(demo_dir, tmp_path):
     slides = sorted(demo_dir.glob("*.tif"))
-    ids = _ids_on_both_ranks(len(slides), 64)  # the default shard count
+    n = DEFAULT_SHARDS
+    ids = _ids_on_both_ranks(len(slides), n)
     first = _slide_csv(slides[:1], ids[:1], tmp_path / "first.csv")
     every = _slide_csv(slides, ids, tmp_path / "all.csv")
     once = tmp_path / "once"
     run_build(small_config(once, [every], **CFG2))
     grown = tmp_path / "grown"
     run_build(small_config(grown, [first], **CFG2))
-    _torchrun_build(every, grown, CFG2)  # the two new slides live on shards of rank 0 and rank 1
+    _torchrun_build(every, grown, CFG2)
     manifest = json.loads((grown / "manifest.json").read_text())
-    assert manifest["n_shards"] == 64 and manifest["last_world_size"] == 2
-    owners = {shard_of(i, 64) % 2 for i in ids[1:]}
+    assert manifest["n_shards"] == n and manifest["last_world_size"] == 2
+    # the shards were shared out by their planned views, and both ranks embedded some
+    assignment = manifest["assignment"]
+    assert assignment["world_size"] == 2
+    owners = {rank for rank, shards in enumerate(assignment["shards_of_rank"]) for i in ids if shard_of(i, n) in shards}
     assert owners == {0, 1}
     assert manifest["status"] == "complete" and manifest["counts"]["slides_ok"] == len(slides)
     assert cache_content(grown) == cache_content(once)

@@ -362,13 +362,9 @@ def test_resume_takes_the_runs_options_refuses_others_and_unpickles_nothing(buil
     first = fit(fit_config(built_cache, out, steps=4, checkpoint_every=2, ema_decay=0.9,
                            early_stop="g2l", early_stop_window=2, early_stop_patience=50))
     run = RunDir(out)
-    from accelerate.utils.other import load as accelerate_load  # torch.load(weights_only=True) + numpy arrays
-
-    for path in run.last_checkpoint().iterdir():  # ours: JSON/safetensors; accelerate's: weights-only loads
-        assert path.suffix in (".json", ".safetensors", ".bin", ".pkl"), path
-        if path.suffix in (".bin", ".pkl"):
-            accelerate_load(path)
-    assert "loop_state.json" in {p.name for p in run.last_checkpoint().iterdir()}
+    # JSON and safetensors only: a resume reads no pickle
+    assert sorted(p.name for p in run.last_checkpoint().iterdir()) == \
+        ["ema.safetensors", "model.safetensors", "optimizer.safetensors", "state.json"]
     bad = CliRunner().invoke(app, ["student", "fit", "--out", str(out), "--resume", "--steps", "12",
                                    "--lr", "0.5", "--loss", "mse"])
     assert bad.exit_code == 2, bad.output

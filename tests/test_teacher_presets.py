@@ -116,3 +116,10 @@ def test_weights_that_do_not_fit_name_the_tensors_and_shapes(tmp_path):
     message = str(info.value)
     assert "size mismatch for cls_token" in message and "torch.Size([1, 1, 192])" in message
     assert "torch.Size([1, 1, 384])" in message and "more" in message
+
+
+def test_the_known_costs_of_the_presets_are_what_the_meta_device_counts():
+    from g2l_cache.costs import KNOWN_PROFILES, _meta_profile
+
+    for (name, size, train), known in KNOWN_PROFILES.items():
+        assert _meta_profile(name, size, train) == known, name

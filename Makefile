@@ -45,11 +45,12 @@ demo: install $(DEMO)/slides/.done
 	$(BIN)/g2l cache info $(DEMO)/cache --runs $(DEMO)/run
 	@echo
 	@echo "cache:      $(DEMO)/cache   (tables: $(DEMO)/cache/*.parquet)"
-	@echo "QC images:  $(DEMO)/cache/qc/"
+	@echo "cache page: $(DEMO)/cache/report.html   (every slide's QC picture; open in a browser)"
+	@echo "QC:         $(DEMO)/cache/qc/  (pictures, and GeoJSON for QuPath: File > Import objects)"
 	@echo "plan:       $(DEMO)/cache/plan.json"
 	@echo "run:        $(DEMO)/run     (metrics.csv, loss.png, export/student.safetensors)"
 	@echo "model card: $(DEMO)/run/export/README.md"
-	@echo "evaluation: $(DEMO)/report  (report.md, metrics.csv, bars-*.png, ri-curve-*.png, map-*.png)"
+	@echo "evaluation: $(DEMO)/report/report.html  (and report.md, metrics.csv, bars-*.png, ri-curve-*.png, map-*.png)"
 
 test: install
 	$(BIN)/python -m pytest -q

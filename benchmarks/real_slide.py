@@ -197,7 +197,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         runs = [plan_command(slide, work / "plan") for _ in range(args.repeats)]
-        qc = next((work / "plan" / "qc").glob("*"))
+        qc = next((work / "plan" / "qc").glob("*.jpg"))
         from PIL import Image
 
         with Image.open(qc) as img:

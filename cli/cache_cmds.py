@@ -56,6 +56,8 @@ def _plan(values: dict) -> None:
         _print_failed(plan["slides"]["failed_slides"])
     console.print(f"plan: {Path(values['out']) / 'plan.json'}; `g2l cache build` with the same --out and "
                   "settings starts from it.", markup=False)
+    console.print(f"report: {Path(values['out']) / 'report.html'} (every slide's QC picture; open it in a browser)",
+                  markup=False)
 
 
 def _plan_command():
@@ -75,51 +77,16 @@ def _plan_command():
 app.command("plan")(handle_errors(_plan_command()))
 
 
-def _size(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def _hours(h: float) -> str:
-    from g2l_student.ledger import hours
-
-    return hours(h * 3600, "GPU-")
-
-
 def plan_table(plan: dict, built: dict | None = None) -> Table:
     """The plan's estimate, and beside it what was built when `built` (cache_info) is given."""
+    from g2l_cache.plan import plan_rows
+
     table = Table(title="g2l cache plan" + (" vs built" if built else ""))
     table.add_column("")
     table.add_column("planned", justify="right")
     if built:
         table.add_column("built", justify="right")
-    t, s, d = plan["teacher"], plan["student"], plan["disk_bytes"]
-    rows = [
-        ("slides ok / failed", f"{plan['slides']['ok']} / {plan['slides']['failed']}",
-         built and f"{built['slides_ok']} / {built['slides_failed']}"),
-        ("tiles", str(plan["tiles"]["total"]), built and str(built["tiles"])),
-        ("views", str(plan["views"]), built and str(built["views"])),
-        (f"bytes per tile ({plan['tiles_measured']} measured)", f"{plan['bytes_per_tile']:.0f}",
-         built and built.get("bytes_per_tile") and f"{built['bytes_per_tile']:.0f}"),
-        ("disk: tiles, targets, tables, index, QC", _size(d["total"]), built and _size(built["bytes_on_disk"])),
-        (f"teacher {t['name']}: GFLOP per view", f"{t['gflops_per_view']:.1f}", None),
-        (f"build on {plan['gpu']} ({t['rate_from']})",
-         f"{_hours(t['gpu_hours'])} at {t['views_per_second']:.0f} views/s",
-         built and built.get("teacher_hours_text")),
-        (f"student {s['name']}: GFLOP per training view", f"{s['train_gflops_per_view']:.1f}", None),
-        ("student epoch (one view per tile)", _hours(s["gpu_hours_per_epoch"]), None),
-    ]
-    fit = s.get("fit")
-    if fit:
-        rows += [
-            (f"fit batch {fit['batch_size']} on {fit['gpus']} GPUs", f"{fit['per_gpu']:g} per GPU, "
-             f"{fit['steps_per_epoch']} steps per epoch", None),
-            (f"{fit['steps']} steps read", f"{fit['epochs']:.2f} epochs, {fit['share_of_cached_views']:.0%} of the views",
-             None),
-        ]
-    for name, planned, got in rows:
+    for name, planned, got in plan_rows(plan, built):
         table.add_row(name, planned, *([got or "-"] if built else []))
     return table
 
@@ -135,7 +102,8 @@ def _print_summary(summary) -> None:
     table.add_row("whole command", f"{summary.seconds:.1f} s (with start-up and slide planning)")
     if summary.targets_written:
         table.add_row("teacher waiting for data", data_wait_text(summary.loader_wait_share))
-    table.add_row("QC images", str(Path(summary.cache) / "qc"))
+    table.add_row("QC images", str(Path(summary.cache) / "qc") + " (pictures, and GeoJSON for QuPath)")
+    table.add_row("report", str(Path(summary.cache) / "report.html"))
     console.print(table)
     if summary.failed:
         _print_failed(summary.failed)
@@ -182,15 +150,27 @@ def info(cache: Path = typer.Argument(..., help="Cache folder."),
                       f"{'' if t['complete'] else ' (incomplete)'}{paid}")
     console.print(table)
     if data["plan"]:
-        built = dict(data)
-        teacher = next((t for t in data["teachers"].values() if t["name"] == data["plan"]["teacher"]["name"]), None)
-        if teacher and teacher["devices"]:
-            built["teacher_hours_text"] = f"{hours(teacher['teacher_seconds'])} on {', '.join(teacher['devices'])}"
-        console.print(plan_table(data["plan"], built))
+        console.print(plan_table(data["plan"], data))
     if ledger:
         from cli.student_cmds import print_ledger
 
         print_ledger(ledger["runs"], ledger)
+
+
+@app.command("report")
+@handle_errors
+def report(cache: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Write CACHE/report.html again: every slide's QC picture, status, failure reason, tissue, tiles and
+    views (failed first), the plan beside what was built, the teachers and their cost. Plan and build
+    write it themselves; this refreshes it (e.g. for a cache made by an older g2l)."""
+    from g2l_cache.cache_report import write_cache_report
+    from g2l_cache.layout import CacheLayout
+
+    if not CacheLayout(cache).manifest.exists():
+        from g2l_cache.errors import G2LError
+
+        raise G2LError(f"{cache} is not a g2l cache (no manifest.json).")
+    console.print(f"report: {write_cache_report(cache)}", markup=False)
 
 
 @app.command("verify")

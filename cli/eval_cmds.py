@@ -62,7 +62,7 @@ def compare(embeddings: list[Path] = typer.Argument(..., help="Files written by 
                                                     ".parquet, or the model name it was embedded with (a shell glob "
                                                     "sorts files by name).  [default: the first file given]")) -> None:
     """kNN, linear probe (with 95% CIs), CKA and robustness (RI, its curve over k, MaRI, APD) per model;
-    report.md, metrics.csv, PNGs."""
+    report.html (one page: open it in a browser), report.md, metrics.csv, PNGs."""
     import polars as pl
 
     from g2l_student.evaluation.compare import compare as run_compare
@@ -98,7 +98,7 @@ def compare(embeddings: list[Path] = typer.Argument(..., help="Files written by 
                     cells.append(f"{r['value'][0]:.3f}" if r.height else "")
                 table.add_row(model, *cells)
             console.print(table)
-    console.print(f"report: {Path(out) / 'report.md'}  metrics: {Path(out) / 'metrics.csv'}")
+    console.print(f"report: {Path(out) / 'report.html'} (and report.md)  metrics: {Path(out) / 'metrics.csv'}")
 
 
 @app.command("cka")

@@ -12,8 +12,8 @@ import typer
 if not logging.getLogger().hasHandlers():
     logging.getLogger().addHandler(logging.NullHandler())
 
-from cli import cache_cmds, demo_cmds, eval_cmds, student_cmds  # noqa: E402
-from cli.common import print_g2l_warnings  # noqa: E402
+from cli import cache_cmds, demo_cmds, doctor_cmds, eval_cmds, student_cmds  # noqa: E402
+from cli.common import handle_errors, print_g2l_warnings  # noqa: E402
 
 print_g2l_warnings()
 
@@ -25,6 +25,7 @@ app.add_typer(student_cmds.app, name="student")
 app.add_typer(eval_cmds.app, name="eval")
 app.command("embed")(eval_cmds.embed)
 app.add_typer(demo_cmds.app, name="demo")
+app.command("doctor")(handle_errors(doctor_cmds.doctor_command()))
 
 
 def main() -> None:

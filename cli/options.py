@@ -144,6 +144,7 @@ def options_document() -> str:
     from g2l_cache.options import options_markdown
     from g2l_cache.plan import PlanConfig
     from g2l_student.config import FitConfig
+    from g2l_student.doctor import DoctorConfig
 
     return "\n".join([
         "# Options", "",
@@ -160,6 +161,7 @@ def options_document() -> str:
         "precision, batch size, ...) are ignored by the plan.", "",
         options_markdown(PlanConfig, "g2l cache plan", "plan").split("\n", 2)[2],
         options_markdown(FitConfig, "g2l student fit", "fit"),
+        options_markdown(DoctorConfig, "g2l doctor", "doctor"),
     ])
 
 

@@ -80,12 +80,17 @@ def export(run: Path = typer.Argument(..., help="Run folder."),
            checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint folder.  [default: the last]"),
            evaluation: Optional[list[Path]] = typer.Option(None, help="A `g2l eval compare` report folder "
                                                            "that embedded this export (repeatable): its rows "
-                                                           "go into the model card.")) -> None:
-    """Write RUN/export/: student.safetensors + config.json for plain timm, head.safetensors, and the
-    model card README.md (teachers, data, recipe, fidelity, evaluation rows, cost ledger)."""
+                                                           "go into the model card."),
+           device: Optional[str] = typer.Option(None, help="Where the speed line is measured (cuda, cuda:1, "
+                                                "cpu).  [default: a GPU if there is one]"),
+           speed: bool = typer.Option(True, help="Measure images per second of the student and its teachers "
+                                      "for the model card (random weights, batch 64).")) -> None:
+    """Write RUN/export/: student.safetensors + config.json for plain timm, head.safetensors, hf/ (a
+    transformers checkpoint, for a DINOv2-architecture student) and the model card README.md
+    (teachers, data, recipe, fidelity, evaluation rows, speed beside the teacher's, cost ledger)."""
     from g2l_student.export import export_run
 
-    out = export_run(run, checkpoint, evaluation or [])
+    out = export_run(run, checkpoint, evaluation or [], device, speed)
     console.print(f"exported to {out} (model card: {out / 'README.md'})", markup=False)
     console.print((out / "LOAD.md").read_text(), markup=False, soft_wrap=True)  # paths stay copyable
 

@@ -22,6 +22,7 @@ import torch
 
 from g2l_cache.assignment import largest_first, teacher_assignment
 from g2l_cache.build_config import BuildConfig, config_from_dict, existing_cache_options  # noqa: F401
+from g2l_cache.cache_report import try_cache_report
 from g2l_cache.canary import CANARY_SAMPLE, changed_views_message
 from g2l_cache.distributed import DistContext
 from g2l_cache.environment import library_versions
@@ -151,6 +152,8 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     dist.barrier()
     if dist.is_main:
         finalise_cache(layout, specs, teacher.info(), dist.world_size, teacher_pass)
+        if written or failed or not layout.report.exists():  # a resume that did nothing writes nothing
+            try_cache_report(layout.root)
     dist.barrier()  # the other ranks read the manifest rank 0 has just written
     manifest = read_manifest(layout.root)
     counts = manifest["counts"]

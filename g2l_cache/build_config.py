@@ -61,6 +61,13 @@ class BuildConfig:
                                              help="Keep a seeded random subset of this many tiles per slide.")
     tissue_threshold: float = option(0.5, group="tiling", help="Minimum tissue fraction of a kept tile.")
     tissue_method: str = option("otsu", group="tiling", help="Tissue mask: otsu or morphological.")
+    annotations: str | None = option(None, group="tiling",
+                                     help="Folder of QuPath GeoJSON annotations, one per slide (SLIDE_ID.geojson): "
+                                     "tiles are kept where annotated tissue covers the tissue threshold; slides "
+                                     "without a file are tiled whole. Fixed when the cache is created.")
+    annotation_classes: str | None = option(None, group="tiling",
+                                            help="With --annotations: comma-separated classes whose regions count "
+                                            "(e.g. Tumor,Stroma; default every region).")
     crop_size: int = option(224, group="views", help="View crop side in px = the teacher's input size.")
     views: int = option(4, group="views", help="Augmented views (K) per tile.")
     seed: int = option(0, group="views", help="Seed of tile subsets, views and random init.")
@@ -101,6 +108,11 @@ class BuildConfig:
             raise G2LError("--jpeg-quality must be in 1..100.")
         if self.shards < 1:
             raise G2LError("--shards must be at least 1.")
+        if self.annotation_classes and not self.annotations:
+            raise G2LError("--annotation-classes needs --annotations DIR.")
+        if self.annotations and not Path(self.annotations).is_dir():
+            raise G2LError(f"--annotations {self.annotations} is not a folder; pass the folder holding one "
+                           "GeoJSON per slide (SLIDE_ID.geojson).")
         if self.stage_ahead < 1:
             raise G2LError(f"--stage-ahead must be at least 1, got {self.stage_ahead}.")
 
@@ -108,7 +120,12 @@ class BuildConfig:
         return TilingConfig(mpp=self.mpp, tile_size=self.tile_size,
                             tissue_threshold=self.tissue_threshold,
                             tissue_method=self.tissue_method,
-                            max_tiles_per_slide=self.max_tiles_per_slide)
+                            max_tiles_per_slide=self.max_tiles_per_slide,
+                            annotations=bool(self.annotations), annotation_classes=self.class_names())
+
+    def class_names(self) -> tuple[str, ...]:
+        """--annotation-classes as a tuple (empty: every region counts)."""
+        return tuple(c.strip() for c in (self.annotation_classes or "").split(",") if c.strip())
 
     def policy(self) -> ViewPolicy:
         return ViewPolicy(tile_size=self.tile_size, crop_size=self.crop_size)
@@ -141,6 +158,9 @@ def existing_cache_options(out: str | Path) -> dict:
               "tile_format": e["format"]}
     if e.get("quality") is not None:
         values["jpeg_quality"] = e["quality"]
+    if t.get("annotations"):  # the folder recorded when the cache was planned
+        values["annotations"] = read_manifest(out).get("annotations", {}).get("folder")
+        values["annotation_classes"] = ",".join(t.get("annotation_classes", [])) or None
     return values
 
 

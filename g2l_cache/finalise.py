@@ -223,10 +223,12 @@ def _slides_table(records: list[dict]) -> pa.Table:
              "mpp_override": r.get("mpp_override"), "width": r["width"], "height": r["height"],
              "reader": r["reader"], "status": r["status"], "error": r["error"],
              "n_candidates": r["n_candidates"], "n_tiles": r["n_tiles"] if r["status"] == "ok" else 0,
-             "shard": r["shard"]} for r in records]
+             "shard": r["shard"], "tissue_share": r.get("tissue_share"),
+             "annotation": (r.get("annotation") or {}).get("digest")} for r in records]
     schema = pa.schema([("slide_id", pa.string()), ("path", pa.string()), ("file_size", pa.int64()),
                         ("file_mtime", pa.float64()), ("mpp", pa.float64()), ("mpp_source", pa.string()),
                         ("mpp_override", pa.float64()), ("width", pa.int64()), ("height", pa.int64()),
                         ("reader", pa.string()), ("status", pa.string()), ("error", pa.string()),
-                        ("n_candidates", pa.int64()), ("n_tiles", pa.int64()), ("shard", pa.int64())])
+                        ("n_candidates", pa.int64()), ("n_tiles", pa.int64()), ("shard", pa.int64()),
+                        ("tissue_share", pa.float64()), ("annotation", pa.string())])
     return pa.Table.from_pylist(rows, schema=schema)

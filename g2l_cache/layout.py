@@ -37,9 +37,14 @@ class CacheLayout:
     def targets_file(self, shard: int, teacher_fp: str) -> Path:
         return self.shard(shard) / "targets" / f"{teacher_fp}.bin"
 
-    def qc(self, slide_id: str) -> Path:
+    def qc(self, slide_id: str, suffix: str = ".jpg") -> Path:
+        """The slide's QC picture (`.jpg`; `.png` in caches before 2026-12) or contours (`.geojson`)."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in slide_id)
-        return self.qc_dir / f"{safe}.jpg"
+        return self.qc_dir / f"{safe}{suffix}"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
 
 
 def now_iso() -> str:

@@ -26,6 +26,7 @@ from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.options import option
 from g2l_cache.progress import PlanProgress
 from g2l_cache.store import table_from_bytes, target_row_bytes, tiles_key
+from g2l_cache.units import hours, size
 
 PLAN_FILE = "plan.json"
 DEFAULT_PLAN_STUDENT = "vit_large_patch14_reg4_dinov2"  # Hibou-L's architecture, the paper's student
@@ -122,6 +123,9 @@ def run_plan(cfg: PlanConfig) -> dict:
     plan = estimate(cfg, records, failed, tile_bytes, measured, costs.result())
     plan["seconds"] = time.time() - started
     (layout.root / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+    from g2l_cache.cache_report import try_cache_report  # it reads plan.json: imported here, not at the top
+
+    try_cache_report(layout.root)
     return plan
 
 
@@ -202,6 +206,37 @@ def fit_reading(batch_size: int, gpus: int, steps: int | None, tiles: int, views
 # slides/tiles/views Parquet + the memory-mapped index, per view: 111 bytes measured on an 8-slide
 # cache of 3,072 views (the per-slide part shrinks per view on bigger slides: an upper bound)
 TABLE_BYTES_PER_VIEW = 112
+
+
+def plan_rows(plan: dict, built: dict | None = None) -> list[tuple[str, str, str | None]]:
+    """(what, planned, built) rows of a plan's estimate, with what was built when `built` (a
+    `cache_info` dict) is given: for `cache info`, `cache plan` and the cache's report page."""
+    t, s, d = plan["teacher"], plan["student"], plan["disk_bytes"]
+    teacher = next((v for v in (built or {}).get("teachers", {}).values() if v["name"] == t["name"]), None)
+    rows = [
+        ("slides ok / failed", f"{plan['slides']['ok']} / {plan['slides']['failed']}",
+         built and f"{built['slides_ok']} / {built['slides_failed']}"),
+        ("tiles", str(plan["tiles"]["total"]), built and str(built["tiles"])),
+        ("views", str(plan["views"]), built and str(built["views"])),
+        (f"bytes per tile ({plan['tiles_measured']} measured)", f"{plan['bytes_per_tile']:.0f}",
+         built and built.get("bytes_per_tile") and f"{built['bytes_per_tile']:.0f}"),
+        ("disk: tiles, targets, tables, index, QC", size(d["total"]), built and size(built["bytes_on_disk"])),
+        (f"teacher {t['name']}: GFLOP per view", f"{t['gflops_per_view']:.1f}", None),
+        (f"build on {plan['gpu']} ({t['rate_from']})",
+         f"{hours(t['gpu_hours'] * 3600, 'GPU-')} at {t['views_per_second']:.0f} views/s",
+         teacher and teacher["devices"] and f"{hours(teacher['teacher_seconds'])} on {', '.join(teacher['devices'])}"),
+        (f"student {s['name']}: GFLOP per training view", f"{s['train_gflops_per_view']:.1f}", None),
+        ("student epoch (one view per tile)", hours(s["gpu_hours_per_epoch"] * 3600, "GPU-"), None),
+    ]
+    fit = s.get("fit")
+    if fit:
+        rows += [
+            (f"fit batch {fit['batch_size']} on {fit['gpus']} GPUs", f"{fit['per_gpu']:g} per GPU, "
+             f"{fit['steps_per_epoch']} steps per epoch", None),
+            (f"{fit['steps']} steps read", f"{fit['epochs']:.2f} epochs, {fit['share_of_cached_views']:.0%} of the views",
+             None),
+        ]
+    return rows
 
 
 def read_plan(root: str | Path) -> dict | None:

@@ -14,11 +14,12 @@ from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+from g2l_cache.annotations import SlideAnnotation, find_annotation, read_regions
 from g2l_cache.build_config import BuildConfig
 from g2l_cache.environment import library_versions
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CACHE_FORMAT, SCHEMA_VERSION, CacheLayout, now_iso, read_manifest, write_manifest
-from g2l_cache.qc import write_qc
+from g2l_cache.qc import write_qc, write_qc_geojson
 from g2l_cache.slides import SlideSpec, discover_slides, file_fingerprint, open_slide, same_slide_file
 from g2l_cache.store import ShardWriter, table_to_bytes
 from g2l_cache.tables import slide_tables
@@ -38,12 +39,17 @@ def prepare_cache(cfg: BuildConfig) -> dict:
     layout = CacheLayout(cfg.out)
     if layout.root.exists() and not layout.root.is_dir():
         raise G2LError(f"--out {layout.root} is a file; pass a folder for the cache.")
+    annotations = {"folder": str(Path(cfg.annotations).resolve()), "classes": list(cfg.class_names())} \
+        if cfg.annotations else None
     if layout.manifest.exists():
         manifest = read_manifest(layout.root)
         if manifest["settings"] != cfg.settings():
             diffs = _diff(manifest["settings"], cfg.settings())
             raise G2LError(f"{layout.root} was built with other tiling/view settings ({'; '.join(diffs)}); "
                            "use the same settings to resume or add a teacher, or a new --out folder.")
+        if annotations and manifest.get("annotations") != annotations:  # the folder moved
+            manifest["annotations"] = annotations
+            write_manifest(layout.root, manifest)
         return manifest
     if layout.root.is_dir() and any(layout.root.iterdir()):
         raise G2LError(f"--out {layout.root} exists and is not a g2l cache; choose a new or empty folder.")
@@ -52,6 +58,8 @@ def prepare_cache(cfg: BuildConfig) -> dict:
                 "status": "building", "settings": cfg.settings(), "view_versions": library_versions(),
                 "n_shards": cfg.shards, "teachers": {}, "slide_inputs": [],
                 "counts": {}, "shards": []}
+    if annotations:
+        manifest["annotations"] = annotations
     write_manifest(layout.root, manifest)
     return manifest
 
@@ -109,10 +117,13 @@ def plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list
     """Phase 1: plan every slide not planned yet; return the ok slide records in a fixed order."""
     records: dict[str, dict] = {}
     todo, to_identify = [], []
+    annotation = {s.slide_id: find_annotation(cfg.annotations, s.slide_id) for s in specs}
     for spec in specs:
         writer = writers[shard_of(spec.slide_id, n_shards)]
         rec = writer.record(spec.slide_id)
-        if rec is None or rec["status"] != "ok" or rec.get("mpp_override") != spec.mpp_override:
+        drawn = annotation[spec.slide_id].digest if annotation[spec.slide_id] else None
+        if rec is None or rec["status"] != "ok" or rec.get("mpp_override") != spec.mpp_override or \
+                (rec.get("annotation") or {}).get("digest") != drawn:  # a changed annotation: a new plan
             todo.append(spec)
         elif rec["path"] == spec.path and (_unchanged(rec, spec.path) or not os.path.exists(spec.path)):
             # unchanged, or gone: the stored tiles serve (e.g. adding a teacher after the slides were deleted)
@@ -132,7 +143,7 @@ def plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list
         writer.put_record(rec)
         records[spec.slide_id] = rec
         progress.slide_planned(spec.slide_id)
-    for rec in _planned(todo, cfg, str(layout.root)):
+    for rec in _planned(todo, [annotation[s.slide_id] for s in todo], cfg, str(layout.root)):
         shard = shard_of(rec["slide_id"], n_shards)
         rec["shard"] = shard
         tables = rec.pop("tables")
@@ -146,39 +157,45 @@ def plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list
     return [records[s.slide_id] for s in specs if s.slide_id in records]
 
 
-def _planned(specs: list[SlideSpec], cfg: BuildConfig, cache_root: str):
+def _planned(specs: list[SlideSpec], annotations: list, cfg: BuildConfig, cache_root: str):
     """Each slide's plan record, in the order given: in worker processes that start fresh (spawn) and
     import only what planning needs, or here when --num-workers is 0 or there is one slide."""
     args = (cfg.tiling(), cfg.seed, cache_root, cfg.policy(), cfg.views)
     if cfg.num_workers == 0 or len(specs) <= 1:  # one slide: starting a worker would cost more than it saves
-        yield from (plan_one_slide(spec, *args) for spec in specs)
+        yield from (plan_one_slide(spec, *args, annotation) for spec, annotation in zip(specs, annotations))
         return
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(cfg.num_workers, len(specs)), mp_context=context,
                              initializer=worker_init, initargs=(os.getpid(),)) as pool:
-        yield from pool.map(plan_one_slide, specs, *([a] * len(specs) for a in args))
+        yield from pool.map(plan_one_slide, specs, *([a] * len(specs) for a in args), annotations)
 
 
 def plan_one_slide(spec: SlideSpec, tiling: TilingConfig, seed: int, cache_root: str, policy: ViewPolicy,
-                   views_per_tile: int) -> dict:
-    """Plan one slide (open, tissue mask, tiles, QC picture) and return its record with its tables."""
+                   views_per_tile: int, annotation: SlideAnnotation | None = None) -> dict:
+    """Plan one slide (open, tissue mask, tiles inside its annotated regions if any, QC picture and
+    GeoJSON) and return its record with its tables."""
     record = {"slide_id": spec.slide_id, "path": spec.path, "mpp_override": spec.mpp_override,
               "file": file_fingerprint(spec.path), "read_mpp": tiling.mpp,
               "tile_px": tiling.tile_size, "status": "failed", "error": None,
               "mpp": None, "mpp_source": None, "width": None, "height": None, "reader": None,
-              "n_candidates": 0, "n_tiles": 0, "n_views": 0, "tables": None}
+              "n_candidates": 0, "n_tiles": 0, "n_views": 0, "tables": None,
+              "annotation": {"file": Path(annotation.path).name, "digest": annotation.digest} if annotation else None}
     try:
+        regions = read_regions(annotation.path, tiling.annotation_classes) if annotation else None
         slide = open_slide(spec, cache_bytes=PLAN_CACHE_BYTES)
         record.update(mpp=slide.mpp, mpp_source=slide.mpp_source, width=slide.width,
                       height=slide.height, reader=slide.reader_name)
-        plan = plan_tiles(slide, spec.slide_id, tiling, seed)
+        plan = plan_tiles(slide, spec.slide_id, tiling, seed, regions)
         slide.reader.close()
-        write_qc(CacheLayout(cache_root).qc(spec.slide_id), plan, slide.width, spec.slide_id)
+        layout = CacheLayout(cache_root)
+        write_qc(layout.qc(spec.slide_id), plan, slide.width, spec.slide_id)
+        write_qc_geojson(layout.qc(spec.slide_id, ".geojson"), plan, slide.width, slide.height)
         tiles, views = slide_tables(spec.slide_id, plan.tiles, tiling.mpp, tiling.tile_size, views_per_tile,
                                     seed, policy)
         record.update(status="ok", n_candidates=plan.n_candidates, n_tiles=len(plan.tiles),
+                      tissue_share=round(float(plan.mask.mean()), 4),
                       n_views=len(plan.tiles) * views_per_tile,
                       tables=(table_to_bytes(tiles), table_to_bytes(views)))
     except G2LError as exc:

@@ -26,6 +26,8 @@ class TilingConfig:
     tissue_method: str = "otsu"
     mask_mpp: float = 4.0
     max_tiles_per_slide: int | None = None
+    annotations: bool = False  # tiles limited to annotated regions (--annotations)
+    annotation_classes: tuple[str, ...] = ()  # of these classes only (empty: every region)
 
     def __post_init__(self) -> None:
         if self.mpp <= 0:
@@ -40,7 +42,13 @@ class TilingConfig:
             raise G2LError("--max-tiles-per-slide must be at least 1.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings a cache records (annotation keys only when used: older caches have none)."""
+        out = asdict(self)
+        if not self.annotations:
+            del out["annotations"], out["annotation_classes"]
+        else:
+            out["annotation_classes"] = list(self.annotation_classes)
+        return out
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class TilePlan:
     thumbnail: np.ndarray
     mask: np.ndarray
     n_candidates: int
+    region: np.ndarray | None = None  # the annotated regions at the mask's size (--annotations)
 
 
 def make_tile_id(slide_id: str, x: int, y: int) -> str:
@@ -149,9 +158,17 @@ def _morphological(mask: np.ndarray, mpp: float) -> np.ndarray:
     return cv2.morphologyEx(m, cv2.MORPH_DILATE, kernel).astype(bool)
 
 
-def plan_tiles(slide: OpenedSlide, slide_id: str, cfg: TilingConfig, seed: int) -> TilePlan:
-    """Grid the slide at the target mpp and keep tiles with enough tissue (seeded subset if capped)."""
+def plan_tiles(slide: OpenedSlide, slide_id: str, cfg: TilingConfig, seed: int, regions: list | None = None
+               ) -> TilePlan:
+    """Grid the slide at the target mpp and keep tiles with enough tissue (seeded subset if capped);
+    with annotated `regions` (shapely polygons, level-0 px), enough tissue inside them."""
     thumb, mask = tissue_mask(slide, cfg)
+    region = None
+    if regions is not None:
+        from g2l_cache.annotations import region_mask
+
+        region = region_mask(regions, mask.shape, slide.width, slide.height)
+    covered = mask if region is None else mask & region
     size0 = cfg.tile_size * cfg.mpp / slide.mpp  # level-0 pixels per tile side
     nx, ny = int(slide.width // size0), int(slide.height // size0)
     if nx == 0 or ny == 0:
@@ -165,7 +182,7 @@ def plan_tiles(slide: OpenedSlide, slide_id: str, cfg: TilingConfig, seed: int) 
     x1 = np.minimum(np.maximum(x0 + 1, np.round((xs + size0) * sx).astype(np.int64)), mask.shape[1])
     y1 = np.minimum(np.maximum(y0 + 1, np.round((ys + size0) * sy).astype(np.int64)), mask.shape[0])
     area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
-    inside = box_sums(mask, y0, y1, x0, x1)
+    inside = box_sums(covered, y0, y1, x0, x1)
     with np.errstate(invalid="ignore", divide="ignore"):
         fraction = np.where(area > 0, inside / np.maximum(area, 1), 0.0)
     keep = (area > 0) & (fraction >= cfg.tissue_threshold) & (fraction > 0)
@@ -174,14 +191,15 @@ def plan_tiles(slide: OpenedSlide, slide_id: str, cfg: TilingConfig, seed: int) 
     candidates = [TileRecord(make_tile_id(slide_id, int(xs[i]), int(ys[j])), int(xs[i]), int(ys[j]), side,
                              round(float(fraction[j, i]), 4)) for j, i in zip(rows.tolist(), cols.tolist())]
     if not candidates:
-        raise SlideError(f"no tissue found in {slide_id} at tissue threshold "
+        where = " inside its annotated regions" if region is not None else ""
+        raise SlideError(f"no tissue found in {slide_id}{where} at tissue threshold "
                          f"{cfg.tissue_threshold}; check the slide or lower --tissue-threshold.")
     selected = candidates
     if cfg.max_tiles_per_slide is not None and len(candidates) > cfg.max_tiles_per_slide:
         rng = np.random.default_rng(_slide_seed(seed, slide_id))
         keep = np.sort(rng.choice(len(candidates), cfg.max_tiles_per_slide, replace=False))
         selected = [candidates[k] for k in keep]
-    return TilePlan(selected, thumb, mask, len(candidates))
+    return TilePlan(selected, thumb, mask, len(candidates), region)
 
 
 def box_sums(mask: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:

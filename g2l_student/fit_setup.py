@@ -115,7 +115,7 @@ def set_up_fit(cfg: FitConfig, student: Student | None = None,
     student = student_for_run(cfg, data, teachers, student)
     run = prepare_run_folder(cfg, data, accelerator)
     session_started, session_clock = now_iso(), time.time()
-    total = size_run(cfg, data, accelerator, run, teachers, canaries)
+    total = size_run(cfg, data, accelerator, run, teachers, canaries, student)
     optimizer, scheduler, early_stop = build_optimisation(cfg, student, accelerator, total)
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     plain = accelerator.unwrap_model(student)
@@ -232,8 +232,8 @@ def prepare_run_folder(cfg: FitConfig, data: FitData, accelerator) -> RunDir:
 
 
 def size_run(cfg: FitConfig, data: FitData, accelerator, run: RunDir, teachers: RunTeachers,
-             canaries: CanaryCheck) -> int:
-    """The run's steps; run.json records its teachers, data and what it reads, and the main process
+             canaries: CanaryCheck, student: Student) -> int:
+    """The run's steps; run.json records its teachers, data, student and what it reads, and the main process
     says it (and warns when tiles go unvisited or views changed)."""
     train_tiles = data.tiles_of(data.train)
     per_epoch = samples_per_epoch(train_tiles, "one" if cfg.fresh_views else cfg.views_per_epoch)
@@ -250,7 +250,8 @@ def size_run(cfg: FitConfig, data: FitData, accelerator, run: RunDir, teachers: 
                         data={"train_slides": len(np.unique(view_slides(data.reader, data.train))),
                               "val_slides": len(data.val_slides), "train_tiles": len(np.unique(train_tiles)),
                               "train_views": int(len(data.train)), "val_views": int(len(data.val))},
-                        reading=reading, **({"views_changed": {"slides": canaries.changed, "accepted": True}}
+                        reading=reading, student_model_args=getattr(student, "model_args", None),
+                        **({"views_changed": {"slides": canaries.changed, "accepted": True}}
                                             if not canaries.ok else {}))
         if cfg.progress:
             from rich.console import Console

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from g2l_cache.errors import G2LError
+from g2l_cache.units import hours  # noqa: F401  (the ledger's unit, also for its callers)
 from g2l_student.rundir import RunDir
 
 
@@ -82,10 +83,3 @@ def reused_text(seconds: float, unrecorded: list[str]) -> str:
     if not unrecorded:
         return hours(seconds)
     return f"{hours(seconds)} + not recorded" if seconds else "not recorded"
-
-
-def hours(seconds: float, unit_prefix: str = "") -> str:
-    """Device time as people read it: seconds, minutes or hours (units prefixed, e.g. "GPU-h")."""
-    if seconds >= 3600:
-        return f"{seconds / 3600:.3g} {unit_prefix}h"
-    return f"{seconds / 60:.3g} {unit_prefix}min" if seconds >= 60 else f"{seconds:.3g} {unit_prefix}s"

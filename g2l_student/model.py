@@ -129,30 +129,34 @@ def init_heads_from_targets(student: Student, targets: dict[str, torch.Tensor]) 
 
 def build_student(arch: str, img_size: int, head_dims: dict[str, int], weights: str | None = None,
                   random_init: bool = False, head_weights: str | None = None,
-                  mean: list[float] | None = None, std: list[float] | None = None) -> Student:
+                  mean: list[float] | None = None, std: list[float] | None = None,
+                  model_args: dict | None = None) -> Student:
     """Create the student backbone (timm) and one head per entry of `head_dims` (name -> output size;
     "cls" / "mean-patch", or "LABEL:cls" / "LABEL:mean-patch" per teacher).
 
     `weights`: a timm-layout weights file, or a transformers DINOv2 checkpoint (folder, its weights
     file, or hub id such as histai/hibou-L) mapped onto the timm ViT. Mean/std: `mean`/`std` if
-    given, else the checkpoint's preprocessor_config.json, else timm's pretrained config."""
+    given, else the checkpoint's preprocessor_config.json, else timm's pretrained config.
+    `model_args`: timm arguments a run recorded (`student_model_args`) to rebuild its backbone."""
     import timm
 
     kwargs = {"num_classes": 0}
     if any(k in arch for k in ("vit", "deit", "eva", "beit")):
         kwargs["img_size"] = img_size
+    kwargs.update({k: v for k, v in (model_args or {}).items() if k != "img_size"})
     if weights and random_init:
         raise G2LError("give either --student-weights or --random-init, not both.")
     cfg = timm.get_pretrained_cfg(arch)
     cfg = cfg.to_dict() if cfg is not None else {}
     own_mean, own_std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-    hf = None
+    hf, model_args = None, {k: v for k, v in kwargs.items() if k != "num_classes"}
     if weights and (Path(weights).exists() or not _is_weights_file_name(str(weights))):
         hf = hf_checkpoint_folder(str(weights))  # a folder, a file in one, or a hub id
     if hf is not None:
         converted = load_hf_student(hf, img_size, str(weights) if Path(weights).is_file() else None)
+        model_args.update(converted.timm_kwargs)
         backbone = create_timm_model(arch, state_dict=converted.state_dict, what="student",
-                                     **{**kwargs, **converted.timm_kwargs})
+                                     num_classes=0, **model_args)
         own_mean, own_std = converted.mean or own_mean, converted.std or own_std
     elif weights:
         backbone = create_timm_model(arch, state_dict=load_state_dict_file(weights), what="student",
@@ -162,6 +166,7 @@ def build_student(arch: str, img_size: int, head_dims: dict[str, int], weights: 
     else:
         backbone = create_timm_model(arch, pretrained=True, what=f"student {arch}", fixes=STUDENT_FIXES, **kwargs)
     student = Student(backbone, arch, img_size, mean or own_mean, std or own_std, head_dims)
+    student.model_args = model_args  # what timm needs besides the name to rebuild this backbone
     if head_weights:
         load_heads(student, head_weights)
     return student

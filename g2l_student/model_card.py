@@ -44,6 +44,29 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def speed_lines(rows: list[dict]) -> list[str]:
+    """The card's speed section: the student beside its teachers, and the device they ran on."""
+    if not rows:
+        return ["## Speed", "", "Not measured yet: `g2l student export RUN` times the student and its teachers "
+                "on the machine it runs on.", ""]
+    lines = ["## Speed", "", "| model | role | input px | parameters | GFLOPs / image | images / s | batch |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rate = f"{r['images_per_second']:.4g}" + ("" if r["measured"] else " (estimated)")
+        lines.append(f"| {r['model']} | {r['role']} | {r['img_size']} | {r['params_m']:.1f} M | "
+                     f"{r['gflops']:.4g} | {rate} | {r['batch']} |")
+    student = rows[0]
+    lines += ["", f"Forward passes (`forward_features`) on {student['device']}, {student['precision']}, "
+              "random input, measured by `g2l student export`."]
+    for r in rows[1:]:
+        lines[-1] += (f" The student embeds {student['images_per_second'] / r['images_per_second']:.3g}x as many "
+                      f"images per second as {r['model']}.")
+        if not r["measured"]:
+            lines[-1] += (f" {r['model']} was not run here (a batch would take over a minute): its rate is the "
+                          "student's measured FLOP rate divided by its FLOPs per image.")
+    return lines + [""]
+
+
 def render_card(run_root: str | Path, export_config: dict, evaluation: pl.DataFrame | None = None) -> str:
     """The model card's Markdown."""
     run = RunDir(run_root)
@@ -95,6 +118,7 @@ def render_card(run_root: str | Path, export_config: dict, evaluation: pl.DataFr
             ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["ci_low"] is not None else "-"
             lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r['k'])} | {_fmt(r['value'])} | {ci} |")
         lines.append("")
+    lines += speed_lines(g2l.get("speed") or [])
     lines += ["## Cost ledger", "", "| what | device time | on |", "|---|---|---|"]
     for t in ledger["teachers"]:
         if not t.get("live"):

@@ -81,7 +81,9 @@ def finish_fit(fit: FitRun, outcome: LoopOutcome) -> FitResult:
                    "views": views, "checkpoints": outcome.checkpoints}
         fit.run.update_info(status="finished", steps=state.step, stopped=outcome.stopped,
                             ledger=[*fit.run.info().get("ledger", []), session])
-        export_dir = str(export_run(fit.run.root))  # last: its model card reads the fidelity and the ledger
+        # last: its model card reads the fidelity and the ledger; the speed line is `g2l student
+        # export`'s, so that a fit does not stop to time its teachers
+        export_dir = str(export_run(fit.run.root, speed=False))
     fit.accelerator.wait_for_everyone()
     seconds = outcome.clock.seconds()
     return FitResult(str(fit.run.root), state.step, outcome.stopped, outcome.last_loss, fidelity, export_dir,

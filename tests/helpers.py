@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 from g2l_cache.build import BuildConfig
@@ -77,3 +78,34 @@ def copy_slides(src: Path, dst: Path) -> Path:
     for p in src.glob("*.tif"):
         shutil.copy(p, dst / p.name)
     return dst
+
+
+class _Refs(HTMLParser):
+    """Every href and src a page names, and the ids of its slide cards in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.cards, self.lazy = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.refs += [a[k] for k in ("href", "src") if k in a]
+        if tag == "img" and a.get("loading") == "lazy":
+            self.lazy += 1
+        if tag == "div" and "card" in (a.get("class") or "").split():
+            self.cards.append((a["id"], "failed" in a["class"]))
+
+
+def page_refs(path: Path) -> _Refs:
+    parser = _Refs()
+    parser.feed(path.read_text())
+    return parser
+
+
+def assert_links_resolve(page: Path) -> _Refs:
+    refs = page_refs(page)
+    assert refs.refs
+    for ref in refs.refs:
+        assert "://" not in ref and not ref.startswith("/"), ref  # relative: the page opens from disk
+        assert (page.parent / ref).exists(), ref
+    return refs

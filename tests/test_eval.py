@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
+from helpers import assert_links_resolve
 from g2l_cache import G2LError
 from g2l_student.evaluation.classify import (bootstrap_ci, classification_report, knn_predict,
                                              linear_probe_predict, make_split, scores)
@@ -219,6 +220,11 @@ def test_compare_writes_report_metrics_and_pictures(tiles, tmp_path):
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "| teacher |" in report and "apd skipped: APD needs every group in one centre" in report
     assert "ri-curve-tiles.png" in report and "ri_curve" not in report.split("\n## ")[1].split("\n\n")[2]
+    # the same report as one page that opens from disk: every picture it names is in the folder
+    page = tmp_path / "rep" / "report.html"
+    refs = assert_links_resolve(page)
+    assert sorted(set(refs.refs)) == ["bars-tiles.png", "map-tiles.png", "ri-curve-tiles.png"]
+    assert "<td>teacher</td>" in page.read_text() and "apd skipped" in page.read_text()
 
 
 def test_bad_inputs(tiles, tmp_path):

@@ -142,10 +142,14 @@ save_file({{"y": y.contiguous()}}, "{tmp_path / 'y.safetensors'}")
     heads = load_file(str(export / "head.safetensors"))
     assert heads["cls.0.weight"].shape == (192, 192) and "cls.1.running_var" in heads
     # `g2l student export` redoes it from an older checkpoint
-    result = CliRunner().invoke(app, ["student", "export", str(out), "--checkpoint",
+    result = CliRunner().invoke(app, ["student", "export", str(out), "--no-speed", "--checkpoint",
                                       str(out / "checkpoints" / "step_00000035")])
     assert result.exit_code == 0, result.output
-    assert json.loads((export / "config.json").read_text())["g2l"]["checkpoint"] == "step_00000035"
+    g2l = json.loads((export / "config.json").read_text())["g2l"]
+    assert g2l["checkpoint"] == "step_00000035" and g2l["speed"] == []
+    # a ViT-Ti is no DINOv2: no transformers folder, and the export says why
+    assert not (export / "hf").exists() and "layer scale" in g2l["transformers"]
+    assert "Not measured yet" in (export / "README.md").read_text()
 
 
 def test_report_command(trained):

@@ -176,6 +176,10 @@ def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int =
         _plot_bars(metrics.filter(pl.col("task") == task), out / f"bars-{task}.png", task)
         _plot_ri_curve(metrics.filter(pl.col("task") == task), out / f"ri-curve-{task}.png", task)
     (out / "report.md").write_text(render_report(metrics, notes))
+    from g2l_cache.html_page import write_page
+
+    write_page(out / "report.html", render_report_html(
+        metrics, notes, f"{len(stems)} embedding files: {', '.join(stems)} · {k}-NN, {n_boot} bootstrap resamples"))
     return metrics
 
 
@@ -194,21 +198,26 @@ def _fmt(v) -> str:
     return f"{v:.3f}"
 
 
-def render_report(metrics: pl.DataFrame, notes: dict[str, list[str]]) -> str:
-    """Markdown: per task, one table of models x metrics with 95% intervals, then the pictures."""
-    lines = ["# g2l evaluation report", ""]
+INTERVALS_NOTE = ("Intervals: 95% bootstrap over test groups where the task has a group column, else over "
+                  "test tiles (see each task's notes). ri: PathoROB robustness index (croma), "
+                  "k chosen by kNN balanced accuracy (the curve over k is drawn); mari: croma's margin-aware "
+                  "RI; apd: PathoROB's average performance drop (closer to 0 is more robust); "
+                  "ri_ratio: de Jong's SO/OS ratio at fixed k.")
+
+
+def report_sections(metrics: pl.DataFrame, notes: dict[str, list[str]]) -> list[dict]:
+    """Per task: its notes, one table of models x metrics (value [95% interval]) and its pictures,
+    as both report.md and report.html show them."""
+    sections = []
     for task in metrics["task"].unique(maintain_order=True).to_list():
         m = metrics.filter(pl.col("task") == task)
-        lines += [f"## {task}", ""]
-        for note in notes.get(task, []):
-            lines.append(f"> note: {note}")
         # ri_ratio is reported at fixed k (one column each); ri's k is chosen per model (in the cell).
         keys = [(metric, k if metric == "ri_ratio" else None)
                 for metric, k in m.select("metric", "k").unique(maintain_order=True).rows()
                 if metric != "ri_curve"]  # drawn in ri-curve-TASK.png
         keys = list(dict.fromkeys(keys))
         header = ["model"] + [metric + (f" (k={k})" if k is not None else "") for metric, k in keys]
-        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows = []
         for model in m["model"].unique(maintain_order=True).to_list():
             cells = [model]
             for metric, k in keys:
@@ -222,17 +231,44 @@ def render_report(metrics: pl.DataFrame, notes: dict[str, list[str]]) -> str:
                 ci = f" [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]" if row["ci_low"] is not None else ""
                 chosen_k = f" (k={row['k']})" if metric in ("ri", "mari") else ""
                 cells.append(_fmt(row["value"]) + ci + chosen_k)
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"![metrics](bars-{task}.png)", ""]
+            rows.append(cells)
+        images = [("metrics", f"bars-{task}.png")]
         if "ri_curve" in set(m["metric"]):
-            lines += [f"![RI over k](ri-curve-{task}.png)", ""]
-        lines += [f"![embedding map](map-{task}.png)", ""]
-    lines += ["Intervals: 95% bootstrap over test groups where the task has a group column, else over "
-              "test tiles (see each task's notes). ri: PathoROB robustness index (croma), "
-              "k chosen by kNN balanced accuracy (the curve over k is drawn); mari: croma's margin-aware "
-              "RI; apd: PathoROB's average performance drop (closer to 0 is more robust); "
-              "ri_ratio: de Jong's SO/OS ratio at fixed k.", ""]
+            images.append(("RI over k", f"ri-curve-{task}.png"))
+        images.append(("embedding map", f"map-{task}.png"))
+        sections.append({"task": task, "notes": notes.get(task, []), "header": header, "rows": rows,
+                         "images": images})
+    return sections
+
+
+def render_report(metrics: pl.DataFrame, notes: dict[str, list[str]]) -> str:
+    """Markdown: per task, one table of models x metrics with 95% intervals, then the pictures."""
+    lines = ["# g2l evaluation report", ""]
+    for section in report_sections(metrics, notes):
+        lines += [f"## {section['task']}", ""]
+        lines += [f"> note: {note}" for note in section["notes"]]
+        header = section["header"]
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in section["rows"]]
+        for alt, src in section["images"]:
+            lines += ["", f"![{alt}]({src})", ""]
+    lines += [INTERVALS_NOTE, ""]
     return "\n".join(lines)
+
+
+def render_report_html(metrics: pl.DataFrame, notes: dict[str, list[str]], subtitle: str) -> str:
+    """The same report as one HTML page (pictures beside it in the folder, linked relatively)."""
+    from g2l_cache.html_page import esc, linked_image, page, table
+
+    body = []
+    for section in report_sections(metrics, notes):
+        body.append(f"<h2>{esc(section['task'])}</h2>")
+        body += [f"<p class=note>note: {esc(note)}</p>" for note in section["notes"]]
+        body.append(table(section["header"], section["rows"]))
+        body += [f"<figure>{linked_image(src, alt)}<figcaption>{esc(alt)}</figcaption></figure>"
+                 for alt, src in section["images"]]
+    body.append(f"<p class=note>{esc(INTERVALS_NOTE)}</p>")
+    return page("g2l evaluation report", subtitle, "\n".join(body))
 
 
 def _plot_bars(m: pl.DataFrame, path: Path, task: str) -> None:

@@ -67,7 +67,8 @@ def load_embedding_model(model: str, random_init: bool = False, weights: str | N
         cfg = json.loads((export / "config.json").read_text())
         size = img_size or cfg["model_args"]["img_size"]
         weights_file = export / "student.safetensors"
-        net = timm.create_model(cfg["architecture"], pretrained=True, num_classes=0, img_size=size,
+        args = {**cfg["model_args"], "img_size": size}
+        net = timm.create_model(cfg["architecture"], pretrained=True, num_classes=0, **args,
                                 pretrained_cfg_overlay=dict(file=str(weights_file), custom_load=False))
         net = net.eval().to(device)
         mean = torch.tensor(cfg["pretrained_cfg"]["mean"], device=device).view(1, 3, 1, 1)

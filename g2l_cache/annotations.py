@@ -99,12 +99,19 @@ def region_mask(regions: list, shape: tuple[int, int], slide_width: int, slide_h
     sx, sy = shape[1] / slide_width, shape[0] / slide_height
     mask = np.zeros(shape, dtype=np.uint8)
     for polygon in regions:
-        # each polygon drawn on its own so its holes never cut another region
-        one = np.zeros(shape, dtype=np.uint8)
-        cv2.fillPoly(one, [_pixels(polygon.exterior.coords, sx, sy)], 1)
+        # each polygon drawn on its own so its holes never cut another region, in its bounding box
+        # only: a QuPath export may hold thousands of small regions on a 5,000-px mask
+        exterior = _pixels(polygon.exterior.coords, sx, sy)
+        x0, y0 = np.maximum(exterior.min(0), 0)
+        x1, y1 = np.minimum(exterior.max(0) + 1, [shape[1], shape[0]])
+        if x1 <= x0 or y1 <= y0:
+            continue
+        one = np.zeros((y1 - y0, x1 - x0), dtype=np.uint8)
+        offset = (-int(x0), -int(y0))
+        cv2.fillPoly(one, [exterior], 1, offset=offset)
         for hole in polygon.interiors:
-            cv2.fillPoly(one, [_pixels(hole.coords, sx, sy)], 0)
-        mask |= one
+            cv2.fillPoly(one, [_pixels(hole.coords, sx, sy)], 0, offset=offset)
+        mask[y0:y1, x0:x1] |= one
     return mask.astype(bool)
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from g2l_cache.errors import G2LError
-from g2l_cache.html_page import esc, link, linked_image, page, table, write_page
+from g2l_cache.html_page import esc, link, linked_image, page, table
 from g2l_cache.inspect import cache_info
-from g2l_cache.layout import CacheLayout, read_manifest
+from g2l_cache.layout import CacheLayout, read_manifest, write_text_atomic
 from g2l_cache.plan import plan_rows, read_plan
 from g2l_cache.store import close_env, index_path, iter_prefix, shared_env, unpack
 from g2l_cache.units import hours, size
@@ -37,7 +37,8 @@ def write_cache_report(root: str | Path, records: list[dict] | None = None) -> P
     subtitle = (f"{layout.root.name} · {info['status']} · {len(records) - failed} slides ok, {failed} failed · "
                 f"created {manifest.get('created', '-')}")
     try:
-        return write_page(layout.report, page("g2l cache report", subtitle, "\n".join(body)))
+        write_text_atomic(layout.report, page("g2l cache report", subtitle, "\n".join(body)))
+        return layout.report
     except OSError as exc:
         raise G2LError(f"cannot write {layout.report} ({exc.strerror}); is the cache folder read-only? "
                        "Copy the cache somewhere writable to make its report.") from None

@@ -4,8 +4,6 @@ links only, so a page opens from disk, from a copied folder, or over any web ser
 from __future__ import annotations
 
 import html
-import os
-from pathlib import Path
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1d2330;background:#fafbfc}
@@ -68,11 +66,3 @@ def page(title: str, subtitle: str, body: str) -> str:
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{esc(title)}</title><style>{STYLE}</style></head>\n<body><h1>{esc(title)}</h1>"
             f'<p class="sub">{esc(subtitle)}</p>\n{body}\n</body></html>\n')
-
-
-def write_page(path: Path, text: str) -> Path:
-    """Write a page through a temp file and a rename (a reader never sees half a page)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

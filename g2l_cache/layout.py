@@ -76,7 +76,7 @@ def read_manifest(root: str | Path) -> dict:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file via a temp file + rename, so a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from g2l_cache.annotations import polygons_in
+from g2l_cache.layout import write_text_atomic
 from g2l_cache.tiling import TilePlan
 
 QC_LONG_SIDE = 2048
@@ -71,9 +72,7 @@ def write_qc_geojson(path: Path, plan: TilePlan, slide_width: int, slide_height:
                          "properties": {"objectType": "tile", "name": t.tile_id, "classification": tile_class,
                                         "measurements": {"tissue_fraction": t.tissue_fraction}}})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":")))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":")))
 
 
 def tissue_polygons(mask: np.ndarray, slide_width: int, slide_height: int) -> list[dict]:

@@ -176,9 +176,9 @@ def compare(paths: list[str | Path], out: str | Path, k: int = 20, n_boot: int =
         _plot_bars(metrics.filter(pl.col("task") == task), out / f"bars-{task}.png", task)
         _plot_ri_curve(metrics.filter(pl.col("task") == task), out / f"ri-curve-{task}.png", task)
     (out / "report.md").write_text(render_report(metrics, notes))
-    from g2l_cache.html_page import write_page
+    from g2l_cache.layout import write_text_atomic
 
-    write_page(out / "report.html", render_report_html(
+    write_text_atomic(out / "report.html", render_report_html(
         metrics, notes, f"{len(stems)} embedding files: {', '.join(stems)} · {k}-NN, {n_boot} bootstrap resamples"))
     return metrics
 

@@ -47,6 +47,14 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+def timm_hub_id(arch: str) -> str | None:
+    """The hub repository of timm's default pretrained weights of `arch`, if it has one."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch) if timm.is_model(arch) else None
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+
+
 def create_timm_model(arch: str, *, state_dict: dict | None = None, hf_hub_id: str | None = None,
                       pretrained: bool = False, what: str = "model", fixes: str = "", **kwargs) -> torch.nn.Module:
     """Build a timm model from a state dict, a hub id, timm's own pretrained tag (`pretrained`), or
@@ -63,7 +71,7 @@ def create_timm_model(arch: str, *, state_dict: dict | None = None, hf_hub_id: s
         overlay = {"hf_hub_id": hf_hub_id}
     elif pretrained:
         cfg = timm.get_pretrained_cfg(arch)
-        hf_hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        hf_hub_id = timm_hub_id(arch)
         if cfg is None or not (hf_hub_id or getattr(cfg, "url", None)):
             raise G2LError(f"timm publishes no pretrained weights for {arch}; {fixes or 'pass a weights file'}.")
     try:

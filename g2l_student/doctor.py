@@ -19,6 +19,7 @@ import torch
 
 from g2l_cache.errors import G2LError
 from g2l_cache.options import option
+from g2l_cache.weights import timm_hub_id
 from g2l_student.hf_dinov2 import convert_state_dict, timm_kwargs
 
 WORKERS_PER_GPU = 4  # README "CPU workers": 3-4 per GPU for the teacher pass, 2 for a ViT-L fit
@@ -163,7 +164,7 @@ def teacher_checks(name: str, weights: str | None) -> list[Check]:
         return [Check(f"teacher {name}", "fail", str(exc), "use a preset name or a timm model name")]
     if weights:
         return [weights_fit(weights, preset.arch, model_kwargs(preset, preset.input_size), f"teacher {name}")]
-    repo = preset.hf_hub_id or _timm_hub_id(preset.arch)
+    repo = preset.hf_hub_id or timm_hub_id(preset.arch)
     if repo is None:
         return [Check(f"teacher {name}", "fail", f"timm publishes no weights for {preset.arch}",
                       "pass --teacher-weights FILE")]
@@ -173,7 +174,7 @@ def teacher_checks(name: str, weights: str | None) -> list[Check]:
 def student_checks(arch: str, weights: str | None) -> list[Check]:
     """Hub access or local fit of the student's starting weights."""
     if weights is None:
-        repo = _timm_hub_id(arch)
+        repo = timm_hub_id(arch)
         if repo is None:
             return [Check(f"student {arch}", "warn", "timm publishes no weights for it",
                           "pass --student-weights, or train it from random weights (--random-init)")]
@@ -201,13 +202,6 @@ def student_checks(arch: str, weights: str | None) -> list[Check]:
             return [Check(f"weights fit: student {arch}", "fail", str(exc), "use another student checkpoint")]
         return [weights_fit(str(file), arch, kwargs, f"student {arch}", convert)]
     return [weights_fit(weights, arch, {}, f"student {arch}")]
-
-
-def _timm_hub_id(arch: str) -> str | None:
-    import timm
-
-    cfg = timm.get_pretrained_cfg(arch) if timm.is_model(arch) else None
-    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
 
 
 def gpu_check(wanted: int | None) -> Check:

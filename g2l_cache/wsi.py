@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from g2l_cache.tiff_metadata import has_hidden_pyramid, mpp_from_properties
+
 BACKGROUND = (255, 255, 255)  # transparent parts of a scan (outside scanned areas) read as white glass
 BAND_PIXELS = 1 << 22  # a region larger than this is read in bands of rows
 
@@ -47,7 +49,8 @@ class OpenSlideReader:
         self.levels = [Level(float(d), int(w), int(h)) for d, (w, h) in
                        zip(self.slide.level_downsamples, self.slide.level_dimensions)]
         mpp = self.slide.properties.get("openslide.mpp-x")
-        self.mpp = float(mpp) if mpp not in (None, "", "0") else None
+        # OME-TIFFs open as generic-tiff without openslide.mpp-x: their OME-XML still says it
+        self.mpp = float(mpp) if mpp not in (None, "", "0") else mpp_from_properties(self.slide.properties)
 
     def read_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
         """RGB pixels of `width` x `height` level-`level` px whose top-left is level-0 (x0, y0); a large
@@ -108,13 +111,17 @@ class TiatoolboxReader:
 
 
 def open_reader(path: Path, mpp_override: float | None, cache_bytes: int = 0):
-    """OpenSlide's reader when OpenSlide knows the format (with a tile cache of `cache_bytes`), else
-    tiatoolbox's."""
+    """OpenSlide's reader when OpenSlide knows the format (with a tile cache of `cache_bytes`) and sees
+    all of its levels, else tiatoolbox's."""
     try:
         import openslide
 
-        if Path(path).is_file() and openslide.OpenSlide.detect_format(str(path)):
-            return OpenSlideReader(Path(path), cache_bytes)
+        fmt = Path(path).is_file() and openslide.OpenSlide.detect_format(str(path))
+        if fmt:
+            reader = OpenSlideReader(Path(path), cache_bytes)
+            if fmt != "generic-tiff" or not has_hidden_pyramid(path, len(reader.levels)):
+                return reader
+            reader.close()  # an OME SubIFD pyramid OpenSlide does not list: tiatoolbox reads its levels
     except Exception:  # OpenSlide refuses a damaged file: tiatoolbox gets its say (and names the problem)
         pass
     return TiatoolboxReader(Path(path), mpp_override)

@@ -28,7 +28,7 @@ def _doctor(values: dict) -> None:
 
 
 def doctor_command():
-    from g2l_student.doctor import DoctorConfig
+    from g2l_student.doctor_config import DoctorConfig
 
     return config_command(DoctorConfig, "doctor", _doctor, """Will this run work? Check it before hours of GPU time.
 

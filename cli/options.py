@@ -144,7 +144,7 @@ def options_document() -> str:
     from g2l_cache.options import options_markdown
     from g2l_cache.plan import PlanConfig
     from g2l_student.config import FitConfig
-    from g2l_student.doctor import DoctorConfig
+    from g2l_student.doctor_config import DoctorConfig
 
     return "\n".join([
         "# Options", "",

@@ -18,31 +18,12 @@ from pathlib import Path
 import torch
 
 from g2l_cache.errors import G2LError
-from g2l_cache.options import option
 from g2l_cache.weights import timm_hub_id
+from g2l_student.doctor_config import DoctorConfig
 from g2l_student.hf_dinov2 import convert_state_dict, timm_kwargs
 
 WORKERS_PER_GPU = 4  # README "CPU workers": 3-4 per GPU for the teacher pass, 2 for a ViT-L fit
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-
-
-@dataclass
-class DoctorConfig:
-    """What `g2l doctor` checks: the run's models and weights, its plan, output folder and GPUs."""
-
-    teacher: list[str] = option(default_factory=list, kind="repeat", group="models",
-                                 help="Teacher preset or timm name (repeatable).")
-    teacher_weights: list[str] = option(default_factory=list, kind="repeat", group="models", help="Local weights file per --teacher, in "
-                                        "the same order (checked for fit, not loaded).")
-    student: str | None = option(None, group="models", help="Student timm architecture, e.g. vit_large_patch14_reg4_dinov2.")
-    student_weights: str | None = option(None, group="models", help="Student weights: a hub id (histai/hibou-L), a "
-                                         "transformers DINOv2 folder or a .safetensors file.")
-    plan: str | None = option(None, group="machine", help="A `g2l cache plan` output (OUT/plan.json): free disk is checked "
-                              "against its estimate.")
-    out: str | None = option(None, group="machine", help="The output folder the run will write (checked for writing; "
-                             "default: the plan's folder).")
-    gpus: int | None = option(None, group="machine", default_text="those visible",
-                              help="GPUs the run will use: fewer visible is an error; also sizes the CPU-worker check.")
 
 
 @dataclass

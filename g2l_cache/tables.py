@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from g2l_cache.tiling import TileRecord, make_tile_id
-from g2l_cache.views import JITTER_OPS, ViewParams, ViewPolicy, sample_view, view_param_names
+from g2l_cache.view_batch import sample_view_columns
+from g2l_cache.views import JITTER_OPS, ViewParams, ViewPolicy, view_param_names
 
 _PARAM_TYPES = {"crop_x": pa.int64(), "crop_y": pa.int64(), "crop_size": pa.int64(),
                 "hflip": pa.bool_(), "vflip": pa.bool_(), "jitter_applied": pa.bool_(),
@@ -61,9 +62,7 @@ def slide_tables(slide_id: str, tiles: list[TileRecord], read_mpp: float, tile_p
                            "read_mpp": [float(read_mpp)] * n, "tile_px": [tile_px] * n,
                            "tissue_fraction": [float(t.tissue_fraction) for t in tiles]},
                           schema=TILE_SCHEMA)
-    names = view_param_names()
-    drawn = [sample_view(seed, tile_id, k, policy) for tile_id in tile_ids for k in range(k_views)]
-    cols: dict[str, list] = {name: [getattr(p, name) for p in drawn] for name in names}
+    cols = sample_view_columns(seed, [(t, k) for t in tile_ids for k in range(k_views)], policy)
     cols.update(view_id=[make_view_id(t, k) for t in tile_ids for k in range(k_views)],
                 tile_id=[t for t in tile_ids for _ in range(k_views)], slide_id=[slide_id] * (n * k_views),
                 view_index=list(range(k_views)) * n)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from g2l_cache.views import JITTER_OPS, ViewPolicy, _view_rng, sample_view, view_param_names
+from g2l_cache.views import JITTER_OPS, ViewPolicy, sample_view, view_bit_generator, view_param_names
 
 RAW_WORDS = 16  # words taken per view: 1 (crop) + 7 doubles + up to 4 for the permutation + 2 doubles
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -24,19 +24,25 @@ def sample_view_columns(seed: int, keys: list[tuple[str, int]], policy: ViewPoli
     """The view parameter columns (`view_param_names()` order) of views `keys` = [(tile_id, k), ...]."""
     n = len(keys)
     span = policy.tile_size - policy.crop_size
-    if span <= 0 or span + 1 > 1 << 31 or len(JITTER_OPS) != 4:  # drawn differently: the reference serves
+    if span < 0 or span + 1 > 1 << 31 or len(JITTER_OPS) != 4:  # drawn differently: the reference serves
         return _reference_columns(seed, keys, policy)
     raw = np.empty((n, RAW_WORDS), dtype=np.uint64)
     for i, (tile_id, k) in enumerate(keys):
-        raw[i] = _view_rng(seed, tile_id, k).bit_generator.random_raw(RAW_WORDS)
+        raw[i] = view_bit_generator(seed, tile_id, k).random_raw(RAW_WORDS)
     doubles = (raw >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
     lo, hi = raw & _LOW32, raw >> np.uint64(32)
 
-    # integers(0, span + 1, size=2): Lemire's method on the low then high half of word 0
+    # integers(0, span + 1, size=2): Lemire's method on the low then high half of word 0 (no word at
+    # all when the crop is the whole tile: numpy returns the only value without drawing)
     span_excl = np.uint64(span + 1)
     m_x, m_y = lo[:, 0] * span_excl, hi[:, 0] * span_excl
     unsure = ((m_x & _LOW32) < span_excl) | ((m_y & _LOW32) < span_excl)  # a rejection is possible
     crop_x, crop_y = (m_x >> np.uint64(32)).astype(np.int64), (m_y >> np.uint64(32)).astype(np.int64)
+    if span == 0:
+        # word w of the layout below is raw word w - 1
+        doubles, lo, hi = (np.concatenate([a[:, :1], a[:, :-1]], axis=1) for a in (doubles, lo, hi))
+        unsure[:] = False
+        crop_x = crop_y = np.zeros(n, dtype=np.int64)
 
     # permutation(4): swaps for i = 3, 2, 1, each a masked draw from the next 32-bit half (words 8 on)
     halves = np.stack([lo[:, 8:12], hi[:, 8:12]], axis=2).reshape(n, 8)

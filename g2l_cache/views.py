@@ -85,6 +85,11 @@ def view_param_names() -> list[str]:
 
 
 def _view_rng(seed: int, tile_id: str, view_index: int) -> np.random.Generator:
+    return np.random.Generator(view_bit_generator(seed, tile_id, view_index))
+
+
+def view_bit_generator(seed: int, tile_id: str, view_index: int) -> np.random.PCG64:
+    """The bit generator of one view's stream (what `sample_view` draws from)."""
     # Hashing the key (not Python's hash(), which is salted per process) gives every view its own
     # stream, independent of which other views exist or in what order they are drawn. The digest's
     # 32-bit words (high zero words dropped) are the entropy SeedSequence makes of the 128-bit integer
@@ -94,7 +99,7 @@ def _view_rng(seed: int, tile_id: str, view_index: int) -> np.random.Generator:
     n = len(words)
     while n > 1 and words[n - 1] == 0:
         n -= 1
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words[:n])))
+    return np.random.PCG64(np.random.SeedSequence(words[:n]))
 
 
 def _uniform(rng: np.random.Generator, low: float, high: float) -> float:

@@ -19,7 +19,7 @@ from g2l_cache.build_config import BuildConfig
 from g2l_cache.environment import library_versions
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CACHE_FORMAT, SCHEMA_VERSION, CacheLayout, now_iso, read_manifest, write_manifest
-from g2l_cache.qc import write_qc_files
+from g2l_cache.qc import write_qc, write_qc_geojson
 from g2l_cache.slides import SlideSpec, discover_slides, file_fingerprint, open_slide, same_slide_file
 from g2l_cache.store import ShardWriter, table_to_bytes
 from g2l_cache.tables import slide_tables
@@ -190,12 +190,10 @@ def plan_one_slide(spec: SlideSpec, tiling: TilingConfig, seed: int, cache_root:
         plan = plan_tiles(slide, spec.slide_id, tiling, seed, regions)
         slide.reader.close()
         layout = CacheLayout(cache_root)
-        # the QC files are drawn beside the view table: OpenCV, Pillow and GEOS release the GIL
-        with ThreadPoolExecutor(1) as qc_writer:
-            qc_files = qc_writer.submit(write_qc_files, layout, spec.slide_id, plan, slide.width, slide.height)
-            tiles, views = slide_tables(spec.slide_id, plan.tiles, tiling.mpp, tiling.tile_size, views_per_tile,
-                                        seed, policy)
-            qc_files.result()
+        write_qc(layout.qc(spec.slide_id), plan, slide.width, spec.slide_id)
+        write_qc_geojson(layout.qc(spec.slide_id, ".geojson"), plan, slide.width, slide.height)
+        tiles, views = slide_tables(spec.slide_id, plan.tiles, tiling.mpp, tiling.tile_size, views_per_tile,
+                                    seed, policy)
         record.update(status="ok", n_candidates=plan.n_candidates, n_tiles=len(plan.tiles),
                       tissue_share=round(float(plan.mask.mean()), 4),
                       n_views=len(plan.tiles) * views_per_tile,

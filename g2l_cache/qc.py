@@ -27,12 +27,6 @@ REGION_OUTLINE = (255, 200, 0)  # --annotations: the annotated regions
 TISSUE_CLASS, TILE_CLASS = "Tissue", "Tile"
 
 
-def write_qc_files(layout, slide_id: str, plan: TilePlan, slide_width: int, slide_height: int) -> None:
-    """The slide's QC picture and GeoJSON in the cache's qc/ folder (`layout`: its CacheLayout)."""
-    write_qc(layout.qc(slide_id), plan, slide_width, slide_id)
-    write_qc_geojson(layout.qc(slide_id, ".geojson"), plan, slide_width, slide_height)
-
-
 def write_qc(path: Path, plan: TilePlan, slide_width: int, title: str) -> None:
     """Draw the plan (tissue outline, kept tiles) on its thumbnail, at most QC_LONG_SIDE px, as JPEG."""
     thumb = plan.thumbnail

@@ -2,19 +2,21 @@
 
 `sample_view` makes a numpy Generator per view and draws from it call by call: 80 µs a view, 3 s for
 the 38,000 views of one real-size slide, 11 minutes for the real workload's 8 M. Here each view's
-stream is seeded as `sample_view` seeds it (the same SeedSequence and PCG64), its first raw 64-bit
-words are taken in one call, and the draws numpy's Generator would make from them are computed for
-all views together: two bounded integers (Lemire's method on the two 32-bit halves of one word),
-doubles (the top 53 bits of a word), and the permutation (Fisher-Yates with masked rejection on
-32-bit halves). A view whose draws would reject past what is handled here is drawn by `sample_view`
-itself, so the result never differs (tests compare both over many keys).
+stream is seeded as `sample_view` seeds it (the same SeedSequence and PCG64, computed for all views
+together by `pcg_batch`), its first raw 64-bit words are taken, and the draws numpy's Generator
+would make from them are computed for all views together: two bounded integers (Lemire's method on
+the two 32-bit halves of one word), doubles (the top 53 bits of a word), and the permutation
+(Fisher-Yates with masked rejection on 32-bit halves). A view whose draws would reject past what is
+handled here is drawn by `sample_view` itself, so the result never differs (tests compare both over
+many keys).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from g2l_cache.views import JITTER_OPS, ViewPolicy, sample_view, view_bit_generator, view_param_names
+from g2l_cache.pcg_batch import pcg64_raw
+from g2l_cache.views import JITTER_OPS, ViewPolicy, sample_view, view_key_digest, view_param_names
 
 RAW_WORDS = 16  # words taken per view: 1 (crop) + 7 doubles + up to 4 for the permutation + 2 doubles
 _LOW32 = np.uint64(0xFFFFFFFF)
@@ -26,9 +28,8 @@ def sample_view_columns(seed: int, keys: list[tuple[str, int]], policy: ViewPoli
     span = policy.tile_size - policy.crop_size
     if span < 0 or span + 1 > 1 << 31 or len(JITTER_OPS) != 4:  # drawn differently: the reference serves
         return _reference_columns(seed, keys, policy)
-    raw = np.empty((n, RAW_WORDS), dtype=np.uint64)
-    for i, (tile_id, k) in enumerate(keys):
-        raw[i] = view_bit_generator(seed, tile_id, k).random_raw(RAW_WORDS)
+    digests = b"".join([view_key_digest(seed, tile_id, k) for tile_id, k in keys])
+    raw = pcg64_raw(np.frombuffer(digests, dtype="<u4").reshape(n, 4), RAW_WORDS)
     doubles = (raw >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
     lo, hi = raw & _LOW32, raw >> np.uint64(32)
 

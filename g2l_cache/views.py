@@ -88,14 +88,18 @@ def _view_rng(seed: int, tile_id: str, view_index: int) -> np.random.Generator:
     return np.random.Generator(view_bit_generator(seed, tile_id, view_index))
 
 
+def view_key_digest(seed: int, tile_id: str, view_index: int) -> bytes:
+    """The 16-byte digest one view's stream is seeded from (four little-endian 32-bit words)."""
+    return hashlib.blake2b(f"{seed}|{tile_id}|{view_index}".encode(), digest_size=16).digest()
+
+
 def view_bit_generator(seed: int, tile_id: str, view_index: int) -> np.random.PCG64:
     """The bit generator of one view's stream (what `sample_view` draws from)."""
     # Hashing the key (not Python's hash(), which is salted per process) gives every view its own
     # stream, independent of which other views exist or in what order they are drawn. The digest's
     # 32-bit words (high zero words dropped) are the entropy SeedSequence makes of the 128-bit integer
     # they spell: the same stream, seeded without converting a Python int.
-    words = np.frombuffer(hashlib.blake2b(f"{seed}|{tile_id}|{view_index}".encode(), digest_size=16).digest(),
-                          dtype="<u4")
+    words = np.frombuffer(view_key_digest(seed, tile_id, view_index), dtype="<u4")
     n = len(words)
     while n > 1 and words[n - 1] == 0:
         n -= 1

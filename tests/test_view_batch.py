@@ -20,3 +20,22 @@ def test_batched_view_parameters_equal_the_reference(policy):
         got = {name: columns[name][i] for name in columns}
         assert got == expected.to_dict(), (tile_id, k)
         assert all(type(got[name]) is type(getattr(expected, name)) for name in got)
+
+
+def test_batched_seeding_equals_numpys_seed_sequence_and_pcg64():
+    import numpy as np
+
+    from g2l_cache.pcg_batch import pcg64_raw, seed_sequence_states
+
+    entropy = np.random.default_rng(3).integers(0, 2**32, size=(3000, 4), dtype=np.uint64).astype(np.uint32)
+    entropy[:40, 3] = 0  # high zero words: SeedSequence of the shorter entropy is the same stream
+    entropy[:15, 1:] = 0
+    entropy[:3] = 0
+    entropy[3:6] = 0xFFFFFFFF
+    raw, states = pcg64_raw(entropy, 16), seed_sequence_states(entropy)
+    for i, words in enumerate(entropy):
+        kept = len(words)
+        while kept > 1 and words[kept - 1] == 0:
+            kept -= 1
+        assert np.array_equal(states[i], np.random.SeedSequence(words[:kept]).generate_state(4, np.uint64)), i
+        assert np.array_equal(raw[i], np.random.PCG64(np.random.SeedSequence(words[:kept])).random_raw(16)), i

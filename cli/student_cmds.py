@@ -20,7 +20,7 @@ def _fit(values: dict) -> None:
     from g2l_student.config import FitConfig
     from g2l_student.train import fit as run_fit
 
-    cfg = FitConfig.for_resume(values) if values.get("resume") else FitConfig.from_dict(values)
+    cfg = FitConfig.resolved(values)
     result = run_fit(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         why = {"steps": "finished", "early-stop": "early stop"}.get(result.stopped, result.stopped)

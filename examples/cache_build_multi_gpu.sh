@@ -6,5 +6,5 @@ SLIDES=${SLIDES:-/data/tcga-brca/slides}
 CACHE=${CACHE:-/data/g2l/brca-hopt0}
 torchrun --nproc_per_node 4 "$(command -v g2l)" cache build "$SLIDES" --recursive \
     --out "$CACHE" --config examples/h-optimus-0-brca.toml
-g2l cache verify "$CACHE" --recompute 64
+g2l cache verify "$CACHE" --recompute 64 --checksums
 g2l cache info "$CACHE"

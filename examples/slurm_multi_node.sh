@@ -26,6 +26,8 @@ launch() {
 launch "$(command -v g2l)" cache build "$SLIDES" --recursive --out "$CACHE" \
     --config examples/h-optimus-0-brca.toml --stage-dir "${TMPDIR:-/tmp}/g2l-slides"
 # 2. Check a sample against the teacher (one process).
-srun --nodes 1 --ntasks 1 g2l cache verify "$CACHE" --recompute 64
+srun --nodes 1 --ntasks 1 g2l cache verify "$CACHE" --recompute 64 --checksums
 # 3. The student: all ranks read the finished cache without locks (read-only mounts work).
-launch -m cli student fit "$CACHE" --out "$RUN" --config examples/g2l-student.toml
+#    --auto-resume starts the run on the first submission and resumes it from its last checkpoint on
+#    every requeue (before the first checkpoint it starts over, as a new run would).
+launch -m cli student fit "$CACHE" --out "$RUN" --config examples/g2l-student.toml --auto-resume

@@ -24,15 +24,18 @@ from g2l_cache.assignment import largest_first, teacher_assignment
 from g2l_cache.build_config import BuildConfig, config_from_dict, existing_cache_options  # noqa: F401
 from g2l_cache.cache_report import try_cache_report
 from g2l_cache.canary import CANARY_SAMPLE, changed_views_message
+from g2l_cache.cpus import usable_cores
+from g2l_cache.disk_full import disk_full_error, full_disk_explained, is_disk_full
 from g2l_cache.distributed import DistContext
 from g2l_cache.environment import library_versions
 from g2l_cache.errors import G2LError
 from g2l_cache.finalise import finalise_cache
 from g2l_cache.layout import CacheLayout, now_iso, read_manifest, write_manifest
+from g2l_cache.plan import read_plan
 from g2l_cache.planning import ShardWriters, plan_slides, prepare_cache, shard_of, slide_specs
 from g2l_cache.progress import BuildProgress, PlanProgress
 from g2l_cache.staging import SlideStager
-from g2l_cache.store import BackgroundWriter, canary_key, encode_targets
+from g2l_cache.store import BackgroundWriter, canary_key, encode_targets, target_row_bytes
 from g2l_cache.teachers import Teacher, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.work import ChunkDataset
@@ -128,7 +131,8 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
     dist.barrier()
 
     failed: dict[str, str] = {}
-    _plan_phase(cfg, layout, specs, n_shards, dist, failed)
+    with full_disk_explained(layout.root):
+        _plan_phase(cfg, layout, specs, n_shards, dist, failed)
     my_shards = _assigned_shards(layout, dist)
     writers = ShardWriters(layout)
     records = _records_of(specs, my_shards, writers, n_shards)
@@ -151,7 +155,8 @@ def run_build(cfg: BuildConfig, console=None, teacher: Teacher | None = None) ->
                     "versions": library_versions()} if written else None
     dist.barrier()
     if dist.is_main:
-        finalise_cache(layout, specs, teacher.info(), dist.world_size, teacher_pass)
+        with full_disk_explained(layout.root):
+            finalise_cache(layout, specs, teacher.info(), dist.world_size, teacher_pass)
         if written or failed or not layout.report.exists():  # a resume that did nothing writes nothing
             try_cache_report(layout.root)
     dist.barrier()  # the other ranks read the manifest rank 0 has just written
@@ -213,7 +218,7 @@ def device_label(device: torch.device) -> str:
     """What a cost ran on, for the ledger: the GPU's name, or the CPU and its cores."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores)"
+    return f"cpu ({usable_cores()} cores)"
 
 
 def _failed_slides(layout: CacheLayout) -> list[dict]:
@@ -262,8 +267,15 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
     the writer thread, after its last commit) once its last chunk is in. `clock` gets each batch's
     arrival and loader wait, and when the last commit ended."""
     chunks, total, remaining, shard_chunks = [], 0, {}, {}
+    tiles = {"missing": 0, "stored": 0, "bytes": 0}  # stored tiles: at the start, then added as committed
     for rec in records:
         done = writers[rec["shard"]].done(rec["slide_id"], fp, rec["n_views"])
+        tloc = writers[rec["shard"]].tile_locations(rec["slide_id"])
+        if tloc is not None:
+            have = tloc["offset"] >= 0
+            tiles["missing"] += int((~have).sum())
+            tiles["stored"] += int(have.sum())
+            tiles["bytes"] += int(tloc["length"][have].sum())
         slide_chunks = _missing_chunks(rec, done, cfg.batch_size)
         chunks += slide_chunks
         total += int((~done).sum())
@@ -288,6 +300,15 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
 
     device, started, charged_ms = device_label(teacher.mean.device), time.monotonic(), 0
 
+    committed = {"views": 0, "tiles": 0}  # by the writer thread, in this pass
+
+    def store(writer, slide_id, row_start, n_views, fp, indices, rows, new_tiles, *rest) -> None:
+        writer.commit(slide_id, row_start, n_views, fp, indices, rows, new_tiles, *rest)
+        committed["views"] += len(indices)
+        committed["tiles"] += len(new_tiles)
+        tiles["stored"] += len(new_tiles)
+        tiles["bytes"] += sum(len(data) for _, data in new_tiles)
+
     def commit(batch: _InFlight) -> int:
         nonlocal charged_ms
         item = batch.item
@@ -297,7 +318,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
         # whole ms off one clock so the per-batch charges add up to the pass, with no rounding drift.
         batch_ms = round((time.monotonic() - started) * 1000) - charged_ms
         charged_ms += batch_ms
-        bg.put(writers[rec["shard"]].commit, rec["slide_id"], rec["row_start"], rec["n_views"], fp,
+        bg.put(store, writers[rec["shard"]], rec["slide_id"], rec["row_start"], rec["n_views"], fp,
                item["indices"], rows, item["new_tiles"], (device, batch_ms), item["canary"])
         progress.views_done(len(item["indices"]))
         remaining[item["slide_id"]] -= 1
@@ -310,6 +331,14 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
         shard_chunks[shard] -= 1
         if shard_chunks[shard] == 0:  # after the shard's last commit, in the writer thread's order
             bg.put(writers.close_shard, shard)
+
+    def still_needed() -> int:
+        # what the rest of this pass writes: target rows, and the tiles not stored yet at the mean
+        # size of those stored (or of the plan's sample)
+        per_tile = tiles["bytes"] / tiles["stored"] if tiles["stored"] else _planned_bytes_per_tile(layout)
+        views_left = max(0, total - committed["views"])
+        tiles_left = max(0, tiles["missing"] - committed["tiles"])
+        return int(views_left * target_row_bytes(teacher.embed_dim, teacher.patch_dim) + tiles_left * per_tile)
 
     in_flight = None
     try:
@@ -337,13 +366,27 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
             in_flight = launched
         if in_flight is not None:
             written += commit(in_flight)
-    finally:
         bg.close()
+    except BaseException as exc:
+        try:
+            bg.close()  # the commits queued before the failure stay committed
+        except BaseException:
+            pass
+        if is_disk_full(exc):
+            raise disk_full_error(layout.root, still_needed()) from exc
+        raise
+    finally:
         writers.close()
         clock.finished()
         if stager is not None:
             stager.close()
     return written
+
+
+def _planned_bytes_per_tile(layout: CacheLayout) -> float:
+    """Stored bytes per tile that `g2l cache plan` measured, when it was run (else 0)."""
+    plan = read_plan(layout.root) or {}
+    return float(plan.get("bytes_per_tile") or 0)
 
 
 def _stager(cfg: BuildConfig, records: list[dict], chunks_left: dict[str, int]) -> SlideStager | None:

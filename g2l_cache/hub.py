@@ -30,7 +30,8 @@ def hub_failure(exc: BaseException) -> str:
         ("gated", (errors.GatedRepoError,)),
         ("offline", (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)),
         ("missing", (errors.RepositoryNotFoundError, errors.RevisionNotFoundError)),
-        ("no-file", (errors.EntryNotFoundError, errors.RemoteEntryNotFoundError)),
+        # RemoteEntryNotFoundError: huggingface_hub >= 1.0 (the floor, 0.25, raises EntryNotFoundError)
+        ("no-file", (errors.EntryNotFoundError, *filter(None, [getattr(errors, "RemoteEntryNotFoundError", None)]))),
     ]
     for kind, types in kinds:
         if any(isinstance(e, types) for e in chain):

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from g2l_cache.canary import check_canaries
+from g2l_cache.cpus import usable_cores
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.plan import read_plan
@@ -104,7 +105,7 @@ def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cp
         ctx = _VerifyContext(reader, reader.tile_index["slide"][tile_of], reader.tile_index["shard"][tile_of])
         shards = [s for s in range(manifest["n_shards"]) if index_path(reader.layout.shard(s)).exists()]
         # zlib releases the GIL on large buffers: shards are checked side by side.
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=min(8, usable_cores())) as pool:
             for checked, nbytes, problems in pool.map(ctx.check_shard, shards):
                 report["values_checked"] += checked
                 report["data_bytes"] += nbytes

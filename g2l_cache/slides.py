@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from g2l_cache.cpus import usable_cores
 from g2l_cache.errors import G2LError
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg",
@@ -195,7 +196,7 @@ def same_slide_file(recorded: dict | None, path: str | Path) -> bool:
 
 
 def worker_count_hint() -> int:
-    """Loader workers per process: this machine's cores shared among the processes on it
+    """Loader workers per process: this process's cores (its CPU affinity) shared among the processes on it
     (torchrun's LOCAL_WORLD_SIZE), one left for the process itself, at most 8."""
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(8, (os.cpu_count() or 1) // local - 1))
+    return max(0, min(8, usable_cores() // local - 1))

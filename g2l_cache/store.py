@@ -23,6 +23,7 @@ import lmdb
 import numpy as np
 import pyarrow as pa
 
+from g2l_cache.disk_full import is_disk_full, write_fully
 from g2l_cache.errors import G2LError
 
 INITIAL_MAP_SIZE = 1 << 26  # 64 MiB; doubled whenever a transaction does not fit
@@ -376,7 +377,7 @@ class ShardWriter:
         # Consecutive views are written with one call each run.
         breaks = np.flatnonzero(np.diff(view_indices) != 1) + 1
         for run_rows, run_views in zip(np.split(rows, breaks), np.split(view_indices, breaks)):
-            os.pwrite(fd, run_rows.tobytes(), (row_start + int(run_views[0])) * stride)
+            write_fully(fd, run_rows.tobytes(), (row_start + int(run_views[0])) * stride)
         placed = []
         if new_tiles:
             # This process is the shard's only writer, so the stored locations are current: a tile
@@ -384,7 +385,7 @@ class ShardWriter:
             stored = self.tile_locations(slide_id)["offset"] >= 0
             new_tiles = [(t, data) for t, data in dict(new_tiles).items() if not stored[t]]
         for tile_index, data in new_tiles:
-            os.pwrite(self.tiles_fd, data, self.tile_end)
+            write_fully(self.tiles_fd, data, self.tile_end)
             placed.append((tile_index, self.tile_end, len(data), zlib.crc32(data)))
             self.tile_end += len(data)
         if self.durable:
@@ -454,7 +455,7 @@ class BackgroundWriter:
 
     def _raise(self) -> None:
         if self.error is not None:
-            if isinstance(self.error, G2LError):
+            if isinstance(self.error, G2LError) or is_disk_full(self.error):
                 raise self.error
             raise G2LError(f"writing to the cache failed: {self.error}") from self.error
 

@@ -12,7 +12,7 @@ from g2l_student.rundir import RunDir
 
 # What a resumed run may change: none of these alters what it computes. The cache may move (the
 # run checks the cache's fingerprint instead of its path).
-RESUME_MAY_CHANGE = {"cache", "out", "resume", "overwrite", "num_workers", "progress", "checkpoint_every",
+RESUME_MAY_CHANGE = {"cache", "out", "resume", "auto_resume", "overwrite", "num_workers", "progress", "checkpoint_every",
                      "keep_checkpoints", "val_every", "accept_changed_views"}
 
 
@@ -121,6 +121,9 @@ class FitConfig:
     keep_checkpoints: int = option(2, group="run", help="Checkpoints kept (the newest).")
     resume: bool = option(False, group="run", help="Continue the run in --out from its last checkpoint, with "
                           "its config.toml (options given must match it).")
+    auto_resume: bool = option(False, group="run", help="Resume the run in --out when there is one (as "
+                               "--resume), start it when there is none: one command for the first start and "
+                               "every requeue. A folder holding anything else is refused.")
     overwrite: bool = option(False, group="run", help="Replace the run in --out.")
     cpu: bool = option(False, group="run", help="Train on CPU even if a GPU is present.")
     progress: bool = option(True, group="run", help="Progress bar (--no-progress for logs and CI).")
@@ -186,8 +189,8 @@ class FitConfig:
                                f"{', all positive' if name == 'student_std' else ''}, got {value}.")
         if self.fresh_views and not self.online_teacher:
             raise G2LError("--fresh-views needs --online-teacher NAME: no cache holds targets of views drawn during training.")
-        if self.resume and self.overwrite:
-            raise G2LError("give --resume or --overwrite, not both.")
+        if (self.resume or self.auto_resume) and self.overwrite:
+            raise G2LError("give --resume (or --auto-resume) or --overwrite, not both.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,6 +212,14 @@ class FitConfig:
             raise G2LError("--resume continues a run with the options it started with; these differ: "
                            + "; ".join(differ) + ". Leave them out (they come from the run's config.toml) "
                            "or start a new run.")
+
+    @classmethod
+    def resolved(cls, given: dict) -> "FitConfig":
+        """The config a fit runs with: the run's own (`for_resume`) when resuming, which --auto-resume
+        does when --out holds a run, else the options given."""
+        if given.get("resume") or (given.get("auto_resume") and RunDir(given["out"]).run_json.is_file()):
+            return cls.for_resume(given)
+        return cls.from_dict(given)
 
     @classmethod
     def for_resume(cls, given: dict) -> "FitConfig":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from g2l_cache.cpus import usable_cores
 from g2l_cache.errors import G2LError
 from g2l_cache.weights import timm_hub_id
 from g2l_student.doctor_config import DoctorConfig
@@ -224,7 +225,7 @@ def disk_check(plan_file: str) -> Check:
 
 def cpu_check(gpus: int) -> Check:
     """CPU cores against the data-loading workers per GPU the README recommends."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     want = WORKERS_PER_GPU * max(gpus, 1)
     if cores < want:
         return Check("CPU cores", "warn", f"{cores} for {max(gpus, 1)} GPU(s); the README recommends about "

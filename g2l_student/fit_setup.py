@@ -105,8 +105,8 @@ def set_up_fit(cfg: FitConfig, student: Student | None = None,
     """Check the inputs, prepare the run folder and build every object a fit needs (see the module)."""
     from accelerate.utils import set_seed
 
-    if cfg.resume:  # the run's own options; differing ones are refused
-        cfg = FitConfig.for_resume({k: v for k, v in cfg.to_dict().items() if v is not None})
+    if cfg.resume or cfg.auto_resume:  # a resume runs with the run's own options; differing ones are refused
+        cfg = FitConfig.resolved({k: v for k, v in cfg.to_dict().items() if v is not None})
     accelerator = build_accelerator(cfg)
     data = load_fit_data(cfg)
     canaries = checked_canaries(cfg, data)
@@ -188,7 +188,9 @@ def student_for_run(cfg: FitConfig, data: FitData, teachers: RunTeachers, studen
         raise G2LError(f"the student's heads {sorted(student.heads)} do not match --target {cfg.target} "
                        f"and the teacher's dimensions {dims}.")
     cfg.student, cfg.img_size = student.arch, student.img_size
-    if cfg.head_init == "targets" and built_here and not cfg.head_weights and not cfg.resume:
+    # a resume loads the heads from its checkpoint; one with no checkpoint yet starts as a new run
+    from_checkpoint = cfg.resume and RunDir(cfg.out).last_checkpoint() is not None
+    if cfg.head_init == "targets" and built_here and not cfg.head_weights and not from_checkpoint:
         init_heads_from_targets(student, head_target_sample(data, heads, teachers.live, cfg.seed))
     # Recorded in config.toml and the export: the normalisation this student was trained with.
     cfg.student_mean = [round(float(v), 6) for v in student.mean.flatten()]

@@ -136,6 +136,10 @@ class RunDir:
             rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= last_step]
         self._write_metrics(rows)
 
+    def clear_metrics(self) -> None:
+        """Drop every metric row: a run that starts over (no checkpoint yet) writes its own."""
+        self.metrics.unlink(missing_ok=True)
+
     def metric_columns(self, default: list[str] = METRIC_COLUMNS) -> list[str]:
         """The columns of the run's metrics.csv (its header once written, else `default`)."""
         if self.metrics.exists():

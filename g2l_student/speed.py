@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from g2l_cache.cpus import usable_cores
+
 BATCH = 64
 BUDGET_SECONDS = 60.0  # longest timed batch the export waits for
 
@@ -74,8 +76,6 @@ def images_per_second(model: nn.Module, img_size: int, device: torch.device, bat
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model and its cores."""
-    import os
-
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -83,7 +83,7 @@ def device_name(device: torch.device) -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
     except OSError:
         model = "CPU"
-    return f"{model} ({os.cpu_count()} cores)"
+    return f"{model} ({usable_cores()} cores)"
 
 
 def measure_model(model: nn.Module, name: str, role: str, img_size: int, device: torch.device) -> Speed:

@@ -49,14 +49,16 @@ def fit(cfg: FitConfig, student: Student | None = None, teacher: Teacher | list[
 
 
 def resume_or_start(fit: FitRun) -> None:
-    """A resume loads the last checkpoint (weights, optimiser, schedule, RNG, loop state); a new run
-    measures the untrained student's fidelity."""
+    """A resume loads the last checkpoint (weights, optimiser, schedule, RNG, loop state); a new run,
+    or a resume with no checkpoint yet, starts from step 0 and measures the untrained student's fidelity."""
     checkpoint = fit.run.last_checkpoint() if fit.cfg.resume else None
     if checkpoint is not None:
         fit.load(checkpoint)
         if fit.main:
             fit.run.truncate_metrics(fit.state.step)
     elif fit.main:
+        # a new run, or a resume of one killed before its first checkpoint: that one starts over
+        fit.run.clear_metrics()
         fit.run.write_fidelity({"split": fit.fidelity_split, "split_by": fit.data.split_by,
                                 "val_slides": fit.data.val_slides, "before": fit.measure_fidelity()})
     fit.accelerator.wait_for_everyone()

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from cli.common import console, data_wait_text, handle_errors
 from cli.options import config_command
-from g2l_cache.inspect import RECOMPUTE_TOLERANCE
+from g2l_cache.store import RECOMPUTE_TOLERANCE
 
 app = typer.Typer(help="Stage one: run the teacher once over tiled slides and cache its targets.",
                   no_args_is_help=True, rich_markup_mode=None)

@@ -35,7 +35,7 @@ from g2l_cache.plan import read_plan
 from g2l_cache.planning import ShardWriters, plan_slides, prepare_cache, shard_of, slide_specs
 from g2l_cache.progress import BuildProgress, PlanProgress
 from g2l_cache.staging import SlideStager
-from g2l_cache.store import BackgroundWriter, canary_key, encode_targets, target_row_bytes
+from g2l_cache.store import BackgroundWriter, NonFiniteTargets, canary_key, encode_targets, target_row_bytes
 from g2l_cache.teachers import Teacher, load_teacher
 from g2l_cache.timing import BatchClock, timed_iter
 from g2l_cache.work import ChunkDataset
@@ -313,7 +313,14 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
         nonlocal charged_ms
         item = batch.item
         rec = by_id[item["slide_id"]]
-        rows = encode_targets(*batch.result())  # refuses non-finite targets before anything is stored
+        if item["slide_id"] in failed:  # an earlier batch of the slide failed while this one computed
+            shard_done(rec["shard"])
+            return 0
+        try:
+            rows = encode_targets(*batch.result())  # refuses non-finite targets before anything is stored
+        except NonFiniteTargets as exc:  # this slide's views (or the teacher on them): the slide fails
+            fail_slide(item, f"{exc}")
+            return 0
         # This process's time since its last batch is what this batch cost the teacher. Charged in
         # whole ms off one clock so the per-batch charges add up to the pass, with no rounding drift.
         batch_ms = round((time.monotonic() - started) * 1000) - charged_ms
@@ -326,6 +333,13 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
             progress.slide_done(item["slide_id"], ok=True)
         shard_done(rec["shard"])
         return len(item["indices"])
+
+    def fail_slide(item: dict, error: str) -> None:
+        failed[item["slide_id"]] = error
+        # The slide's tiles and targets are left behind unread: finalise keeps ok slides only.
+        bg.put(writers[item["shard"]].put_record, dict(by_id[item["slide_id"]], status="failed", error=error))
+        progress.slide_done(item["slide_id"], ok=False, error=error)
+        shard_done(item["shard"])
 
     def shard_done(shard: int) -> None:
         shard_chunks[shard] -= 1
@@ -352,12 +366,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
                 shard_done(item["shard"])
                 continue
             if item["error"] is not None:
-                failed[slide_id] = item["error"]
-                # The slide's tiles and targets are left behind unread: finalise keeps ok slides only.
-                bg.put(writers[item["shard"]].put_record,
-                       dict(by_id[slide_id], status="failed", error=item["error"]))
-                progress.slide_done(slide_id, ok=False, error=item["error"])
-                shard_done(item["shard"])
+                fail_slide(item, item["error"])
                 continue
             # Launch this batch, then finish the previous one while the device works on it.
             launched = _InFlight(item, *teacher.embed(item["views"]))

@@ -92,6 +92,10 @@ class BuildConfig:
     accept_changed_views: bool = option(False, group="runtime", commands=("build",),
                                         help="Go on when stored tiles now decode into other views than the "
                                         "teacher saw (a Pillow / libjpeg / numpy upgrade); refused by default.")
+    replan_changed: bool = option(False, group="runtime",
+                                  help="Re-tile the slides whose mpp override, annotation or file content "
+                                  "changed since they were cached, discarding their stored tiles and every "
+                                  "teacher's targets of them (refused without this option, listing them).")
     cpu: bool = option(False, group="runtime", commands=("build",), help="Run on CPU even if a GPU is present.")
     progress: bool = option(True, group="runtime", help="Progress bars (--no-progress for logs and CI).")
 

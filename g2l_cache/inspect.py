@@ -15,8 +15,8 @@ from g2l_cache.errors import G2LError
 from g2l_cache.layout import CacheLayout, dir_bytes, read_manifest
 from g2l_cache.plan import read_plan
 from g2l_cache.reader import CacheReader
-from g2l_cache.store import (CRC_BYTES, CorruptValue, bits_from_bytes, close_env, done_key, get_value,
-                             index_path, iter_prefix, shared_env, target_row_bytes, unpack)
+from g2l_cache.store import (CRC_BYTES, RECOMPUTE_TOLERANCE, CorruptValue, bits_from_bytes, close_env,
+                             done_key, get_value, index_path, iter_prefix, shared_env, target_row_bytes, unpack)
 
 READ_BLOCK = 1 << 24  # bytes per read while checking data files
 
@@ -71,11 +71,6 @@ def cache_info(root: str) -> dict:
             "settings": manifest["settings"], "plan": read_plan(layout.root)}
 
 
-# `cache verify --recompute`: recomputed targets may differ from the stored ones by this share of the
-# stored targets' largest magnitude. The stored fp16 rows round at 2^-11 of it; a teacher computed in
-# bf16 differs from fp32 by under 1% (a ViT-S measured 0.9%), and from bf16 on another device by about
-# as much; wrong weights, preprocessing or views differ by tens of percent.
-RECOMPUTE_TOLERANCE = 0.02
 
 
 def verify_cache(root: str, recompute: int = 0, seed: int = 0, device: str = "cpu",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from g2l_cache.annotations import SlideAnnotation, find_annotation, read_regions
@@ -19,6 +20,7 @@ from g2l_cache.build_config import BuildConfig
 from g2l_cache.environment import library_versions
 from g2l_cache.errors import G2LError
 from g2l_cache.layout import CACHE_FORMAT, SCHEMA_VERSION, CacheLayout, now_iso, read_manifest, write_manifest
+from g2l_cache.plan_pool import map_surviving
 from g2l_cache.qc import write_qc, write_qc_geojson
 from g2l_cache.slides import SlideSpec, discover_slides, file_fingerprint, open_slide, same_slide_file
 from g2l_cache.store import ShardWriter, table_to_bytes
@@ -75,8 +77,12 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 def slide_specs(cfg: BuildConfig, manifest: dict) -> list[SlideSpec]:
+    """The slides to work on: SLIDES as given, else the ones the cache knows. A slide given without an
+    mpp override keeps the one it was planned with (options left out default to what the cache recorded)."""
     if cfg.slides:
-        return discover_slides(cfg.slides, cfg.mpp_override, cfg.recursive)
+        recorded = {s["slide_id"]: s.get("mpp_override") for s in manifest.get("slide_inputs") or []}
+        return [replace(s, mpp_override=recorded[s.slide_id]) if s.mpp_override is None and recorded.get(s.slide_id)
+                else s for s in discover_slides(cfg.slides, cfg.mpp_override, cfg.recursive)]
     if manifest["slide_inputs"]:
         # No SLIDES given: work on the slides this cache already knows (e.g. adding a teacher).
         return [SlideSpec(**s) for s in manifest["slide_inputs"]]
@@ -116,16 +122,18 @@ class ShardWriters(OrderedDict):
 def plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list[dict]:
     """Phase 1: plan every slide not planned yet; return the ok slide records in a fixed order."""
     records: dict[str, dict] = {}
-    todo, to_identify = [], []
+    todo, to_identify, changed = [], [], {}
     annotation = {s.slide_id: find_annotation(cfg.annotations, s.slide_id) for s in specs}
     for spec in specs:
         writer = writers[shard_of(spec.slide_id, n_shards)]
         rec = writer.record(spec.slide_id)
-        drawn = annotation[spec.slide_id].digest if annotation[spec.slide_id] else None
-        if rec is None or rec["status"] != "ok" or rec.get("mpp_override") != spec.mpp_override or \
-                (rec.get("annotation") or {}).get("digest") != drawn:  # a changed annotation: a new plan
+        if rec is None or rec["status"] != "ok":
             todo.append(spec)
-        elif rec["path"] == spec.path and (_unchanged(rec, spec.path) or not os.path.exists(spec.path)):
+            continue
+        reasons = _setting_changes(rec, spec, annotation[spec.slide_id])
+        if reasons:
+            changed[spec.slide_id] = (spec, rec, writer, reasons)
+        elif not os.path.exists(spec.path) or (rec["path"] == spec.path and _unchanged(rec, spec.path)):
             # unchanged, or gone: the stored tiles serve (e.g. adding a teacher after the slides were deleted)
             records[spec.slide_id] = rec
             progress.slide_planned(spec.slide_id)
@@ -137,12 +145,13 @@ def plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list
         same = list(pool.map(lambda item: same_slide_file(item[1].get("file"), item[0].path), to_identify))
     for (spec, rec, writer), is_same in zip(to_identify, same):
         if not is_same:
-            todo.append(spec)
+            changed[spec.slide_id] = (spec, rec, writer, ["its file's content changed"])
             continue
         rec = dict(rec, path=spec.path, file=file_fingerprint(spec.path))
         writer.put_record(rec)
         records[spec.slide_id] = rec
         progress.slide_planned(spec.slide_id)
+    todo += _replans_allowed(cfg, changed)
     for rec in _planned(todo, [annotation[s.slide_id] for s in todo], cfg, str(layout.root)):
         shard = shard_of(rec["slide_id"], n_shards)
         rec["shard"] = shard
@@ -157,6 +166,41 @@ def plan_slides(cfg, layout, specs, writers, n_shards, progress, failed) -> list
     return [records[s.slide_id] for s in specs if s.slide_id in records]
 
 
+def _setting_changes(rec: dict, spec: SlideSpec, annotation: SlideAnnotation | None) -> list[str]:
+    """What changed since the slide was planned that gives it other tiles: the mpp it is tiled at (an
+    override), its annotation."""
+    reasons = []
+    # the mpp the slide is tiled at: an override equal to it changes nothing
+    if spec.mpp_override is not None and abs(float(spec.mpp_override) - float(rec["mpp"])) > 1e-9:
+        reasons.append(f"mpp {rec['mpp']:g} -> override {spec.mpp_override:g}")
+    elif spec.mpp_override is None and rec.get("mpp_source") == "override":
+        reasons.append(f"mpp override {rec['mpp']:g} -> none (the slide's own metadata)")
+    recorded = (rec.get("annotation") or {}).get("digest")
+    drawn = annotation.digest if annotation else None
+    if recorded != drawn:
+        reasons.append("its annotation file is gone" if drawn is None else
+                       "it has an annotation file now" if recorded is None else "its annotation file changed")
+    return reasons
+
+
+def _replans_allowed(cfg: BuildConfig, changed: dict[str, tuple]) -> list[SlideSpec]:
+    """The changed slides to plan again: those with nothing stored yet, and with --replan-changed all of
+    them; otherwise a slide with stored tiles or targets is never discarded: refused, listing them."""
+    kept = {sid: c for sid, c in changed.items() if _has_stored_work(c[2], sid)}
+    if kept and not cfg.replan_changed:
+        listed = "; ".join(f"{sid} ({', '.join(reasons)})" for sid, (_, _, _, reasons) in list(kept.items())[:10])
+        more = f" and {len(kept) - 10} more" if len(kept) > 10 else ""
+        raise G2LError(f"{len(kept)} cached slide(s) would be tiled again, discarding their stored tiles and every "
+                       f"teacher's targets of them: {listed}{more}. Give the settings they were cached with (or "
+                       "restore their files), or pass --replan-changed to recompute them.")
+    return [spec for spec, _, _, _ in changed.values()]
+
+
+def _has_stored_work(writer: ShardWriter, slide_id: str) -> bool:
+    tloc = writer.tile_locations(slide_id)
+    return tloc is not None and bool((tloc["offset"] >= 0).any())
+
+
 def _planned(specs: list[SlideSpec], annotations: list, cfg: BuildConfig, cache_root: str):
     """Each slide's plan record, in the order given: in worker processes that start fresh (spawn) and
     import only what planning needs, or here when --num-workers is 0 or there is one slide."""
@@ -164,24 +208,23 @@ def _planned(specs: list[SlideSpec], annotations: list, cfg: BuildConfig, cache_
     if cfg.num_workers == 0 or len(specs) <= 1:  # one slide: starting a worker would cost more than it saves
         yield from (plan_one_slide(spec, *args, annotation) for spec, annotation in zip(specs, annotations))
         return
-    import multiprocessing
+    items = [(spec, *args, annotation) for spec, annotation in zip(specs, annotations)]
+    yield from map_surviving(plan_one_slide, items, min(cfg.num_workers, len(specs)), worker_init, (os.getpid(),),
+                             _worker_died)
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(cfg.num_workers, len(specs)), mp_context=context,
-                             initializer=worker_init, initargs=(os.getpid(),)) as pool:
-        yield from pool.map(plan_one_slide, specs, *([a] * len(specs) for a in args), annotations)
+
+def _worker_died(item: tuple, how: str) -> dict:
+    """The failed record of a slide whose plan worker died."""
+    spec, tiling, annotation = item[0], item[1], item[-1]
+    return dict(_new_record(spec, tiling, annotation),
+                error=f"the worker planning this slide died ({how}); the other slides went on")
 
 
 def plan_one_slide(spec: SlideSpec, tiling: TilingConfig, seed: int, cache_root: str, policy: ViewPolicy,
                    views_per_tile: int, annotation: SlideAnnotation | None = None) -> dict:
     """Plan one slide (open, tissue mask, tiles inside its annotated regions if any, QC picture and
     GeoJSON) and return its record with its tables."""
-    record = {"slide_id": spec.slide_id, "path": spec.path, "mpp_override": spec.mpp_override,
-              "file": file_fingerprint(spec.path), "read_mpp": tiling.mpp,
-              "tile_px": tiling.tile_size, "status": "failed", "error": None,
-              "mpp": None, "mpp_source": None, "width": None, "height": None, "reader": None,
-              "n_candidates": 0, "n_tiles": 0, "n_views": 0, "tables": None,
-              "annotation": {"file": Path(annotation.path).name, "digest": annotation.digest} if annotation else None}
+    record = _new_record(spec, tiling, annotation)
     try:
         regions = read_regions(annotation.path, tiling.annotation_classes) if annotation else None
         slide = open_slide(spec, cache_bytes=PLAN_CACHE_BYTES)
@@ -204,6 +247,16 @@ def plan_one_slide(spec: SlideSpec, tiling: TilingConfig, seed: int, cache_root:
         record["error"] = (f"opening and planning the slide failed ({type(exc).__name__}: {exc}); the "
                            "file may be truncated or damaged")
     return record
+
+
+def _new_record(spec: SlideSpec, tiling: TilingConfig, annotation: SlideAnnotation | None) -> dict:
+    """A slide's record before it is planned (failed, no error yet)."""
+    return {"slide_id": spec.slide_id, "path": spec.path, "mpp_override": spec.mpp_override,
+            "file": file_fingerprint(spec.path), "read_mpp": tiling.mpp,
+            "tile_px": tiling.tile_size, "status": "failed", "error": None,
+            "mpp": None, "mpp_source": None, "width": None, "height": None, "reader": None,
+            "n_candidates": 0, "n_tiles": 0, "n_views": 0, "tables": None,
+            "annotation": {"file": Path(annotation.path).name, "digest": annotation.digest} if annotation else None}
 
 
 def _unchanged(record: dict, path: str) -> bool:

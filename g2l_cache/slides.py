@@ -18,6 +18,9 @@ class SlideError(G2LError):
     """One slide cannot be used; recorded against that slide, the build goes on."""
 
 
+MPP_RANGE = (0.05, 20.0)  # µm per level-0 pixel: 200x objectives to 0.5x overviews; outside is a wrong tag
+
+
 @dataclass(frozen=True)
 class SlideSpec:
     """A slide to tile: its id, where it is, and an mpp that overrides its metadata if given."""
@@ -135,6 +138,14 @@ def open_slide(spec: SlideSpec, cache_bytes: int = 0) -> OpenedSlide:
     else:
         raise SlideError(f"{path.name} has no mpp (microns per pixel) metadata; pass "
                          "--mpp-override MPP, or an 'mpp' column in a slide CSV.")
+    if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        reader.close()
+        told = ("the mpp override given for it" if source == "override" else
+                f"its metadata as {reader.name} reads it (a generic TIFF's resolution tags in inches give "
+                "such values)")
+        raise SlideError(f"{path.name}: {mpp:g} µm per pixel, from {told}, is not a microscope slide's "
+                         f"resolution ({MPP_RANGE[0]:g}-{MPP_RANGE[1]:g}); pass --mpp-override MPP, or an 'mpp' "
+                         "column in a slide CSV, with the scan's real resolution.")
     return OpenedSlide(reader, mpp, source, int(width), int(height), reader.name)
 
 

@@ -34,6 +34,10 @@ class CorruptValue(G2LError):
     """A stored value whose checksum does not match."""
 
 
+class NonFiniteTargets(G2LError):
+    """Teacher outputs that fp16 cannot store (NaN, infinite, beyond 65504): the batch's slide fails."""
+
+
 def pack(payload: bytes) -> bytes:
     """Append a CRC32 so every value carries its own checksum."""
     return payload + struct.pack("<I", zlib.crc32(payload))
@@ -84,6 +88,13 @@ META_ROWS, META_TILE_BYTES, META_GENERATION = b"meta/rows", b"meta/tile_bytes", 
 
 
 # -- data encodings ------------------------------------------------------------------------------
+# `cache verify --recompute`: recomputed targets may differ from the stored ones by this share of the
+# stored targets' largest magnitude. The stored fp16 rows round at 2^-11 of it; a teacher computed in
+# bf16 differs from fp32 by under 1% (a ViT-S measured 0.9%), and from bf16 on another device by about
+# as much; wrong weights, preprocessing or views differ by tens of percent.
+RECOMPUTE_TOLERANCE = 0.02
+
+
 def target_row_bytes(embed_dim: int, patch_dim: int) -> int:
     """Bytes of one target row on disk: fp16 embedding and mean patch, then a CRC32."""
     return 2 * (embed_dim + patch_dim) + CRC_BYTES
@@ -98,7 +109,7 @@ def encode_targets(emb: np.ndarray, patch: np.ndarray) -> np.ndarray:
         payload = np.ascontiguousarray(np.concatenate([emb, patch], axis=1).astype("<f2"))
     bad = ~np.isfinite(payload).all(axis=1)
     if bad.any():
-        raise G2LError(f"the teacher produced non-finite targets (NaN or beyond fp16's range) for "
+        raise NonFiniteTargets(f"the teacher produced non-finite targets (NaN or beyond fp16's range) for "
                        f"{int(bad.sum())} of {len(payload)} views; nothing was stored. Check the "
                        "teacher weights and its mean/std; a teacher whose features exceed 65504 "
                        "cannot be cached in fp16.")

@@ -35,6 +35,7 @@ def bad_slides(demo_dir, tmp_path_factory):
     blank = np.full((1200, 1600, 3), 246, np.uint8)
     blank += np.random.default_rng(0).integers(0, 4, blank.shape, dtype=np.uint8)
     write_pyramid_tiff(folder / "blank.tif", blank, 0.5)
+    write_pyramid_tiff(folder / "at-72-dpi.tif", blank, 25_400 / 72)  # resolution tags of a plain 72-dpi TIFF
     # opens and plans (header and low-resolution levels intact), but its full-resolution tiles are
     # zeros: it fails when the build reads its tiles, not when it opens the slide
     import tifffile
@@ -57,7 +58,9 @@ def test_each_bad_slide_is_recorded_with_its_reason(bad_slides, tmp_path):
     status = dict(zip(slides["slide_id"], slides["status"]))
     errors = dict(zip(slides["slide_id"], slides["error"]))
     assert status == {"good": "ok", "truncated": "failed", "not-a-slide": "failed", "empty": "failed",
-                      "no-mpp": "failed", "blank": "failed", "damaged-tiles": "failed"}
+                      "no-mpp": "failed", "blank": "failed", "damaged-tiles": "failed", "at-72-dpi": "failed"}
+    assert errors["at-72-dpi"].startswith("at-72-dpi.tif: 352.778 µm per pixel, from its metadata")
+    assert "--mpp-override" in errors["at-72-dpi"]
     assert "--mpp-override" in errors["no-mpp"]
     assert "no tissue" in errors["blank"] and "--tissue-threshold" in errors["blank"]
     assert "is empty" in errors["empty"]

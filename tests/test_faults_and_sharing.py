@@ -67,13 +67,23 @@ def test_non_finite_targets_are_refused_and_never_stored(demo_dir, tmp_path):
         encode_targets(np.array([[1.0, np.nan]]), np.zeros((1, 2)))
     with pytest.raises(G2LError, match="fp16"):
         encode_targets(np.array([[1e6, 0.0]]), np.zeros((1, 2)))  # beyond fp16's range
-    cfg = small_config(tmp_path / "c", [sorted(demo_dir.glob("*.tif"))[0]])
+    cfg = small_config(tmp_path / "c", [demo_dir], batch_size=4)
     teacher = load_teacher(cfg.teacher_spec(), img_size=cfg.crop_size)
-    with torch.no_grad():
-        teacher.model.norm.weight.fill_(float("nan"))
-    with pytest.raises(G2LError, match="non-finite targets"):
-        run_build(cfg, teacher=teacher)
-    assert committed_targets(tmp_path / "c") == 0
+    embed, calls = teacher.embed, []
+
+    def nan_on_the_second_batch(views):  # a batch holds one slide's views: that slide fails, not the build
+        emb, patch = embed(views)
+        calls.append(len(views))
+        return (emb * float("nan"), patch) if len(calls) == 2 else (emb, patch)
+
+    teacher.embed = nan_on_the_second_batch
+    summary = run_build(cfg, teacher=teacher)
+    assert summary.slides_failed == 1 and summary.slides_ok == 2
+    ((slide, error),) = summary.failed.items()
+    assert "non-finite targets" in error and "fp16" in error
+    reader = CacheReader(str(tmp_path / "c"))
+    assert reader.manifest["status"] == "complete" and slide not in set(reader.views()["slide_id"])
+    assert verify_cache(str(tmp_path / "c"))["problems"] == []
 
 
 def test_fit_on_a_partial_cache_names_teacher_slides_and_the_command(demo_dir, tmp_path):

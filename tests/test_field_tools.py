@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from helpers import assert_links_resolve, small_config
+from g2l_cache import G2LError
 from g2l_cache.build import run_build
 from g2l_cache.plan import PlanConfig, run_plan
 from g2l_cache.reader import CacheReader
@@ -147,7 +148,7 @@ def test_a_malformed_annotation_is_that_slides_error_with_the_fix(annotated):
     assert "Export objects as GeoJSON" in error
 
 
-def test_a_changed_annotation_replans_that_slide_only(annotated, tmp_path):
+def test_a_changed_annotation_is_refused_then_replans_that_slide_only_when_asked(annotated, tmp_path):
     out, notes, slides = annotated
     cache = tmp_path / "c"
     shutil.copytree(out, cache)
@@ -165,8 +166,14 @@ def test_a_changed_annotation_replans_that_slide_only(annotated, tmp_path):
     # resumed without repeating --annotations (nor the tiling): the cache's own folder and classes are used
     from g2l_cache.build_config import config_from_dict
 
-    run_build(config_from_dict({"out": str(cache), "teacher": "vit_tiny_patch16_224", "random_init": True,
-                                "num_workers": 0, "progress": False, "batch_size": 8}))
+    resume = {"out": str(cache), "teacher": "vit_tiny_patch16_224", "random_init": True, "num_workers": 0,
+              "progress": False, "batch_size": 8}
+    # its stored tiles and targets are never discarded unasked: refused, naming the slide and why
+    with pytest.raises(G2LError, match="--replan-changed") as refused:
+        run_build(config_from_dict(resume))
+    assert f"{slides[0].stem} (its annotation file changed)" in str(refused.value)
+    assert CacheReader(str(cache)).tiles().equals(before)
+    run_build(config_from_dict({**resume, "replan_changed": True}))
     after = CacheReader(str(cache)).tiles()
     first = after.filter(pl.col("slide_id") == slides[0].stem)
     assert 0 < first.height < before.filter(pl.col("slide_id") == slides[0].stem).height

@@ -268,6 +268,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
     arrival and loader wait, and when the last commit ended."""
     chunks, total, remaining, shard_chunks = [], 0, {}, {}
     tiles = {"missing": 0, "stored": 0, "bytes": 0}  # stored tiles: at the start, then added as committed
+    read_from_slide = set()  # slides whose missing views need a tile not stored yet: pixels to read
     for rec in records:
         done = writers[rec["shard"]].done(rec["slide_id"], fp, rec["n_views"])
         tloc = writers[rec["shard"]].tile_locations(rec["slide_id"])
@@ -276,6 +277,10 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
             tiles["missing"] += int((~have).sum())
             tiles["stored"] += int(have.sum())
             tiles["bytes"] += int(tloc["length"][have].sum())
+            if (~have[np.flatnonzero(~done) // cfg.views]).any():
+                read_from_slide.add(rec["slide_id"])
+        elif not done.all():
+            read_from_slide.add(rec["slide_id"])
         slide_chunks = _missing_chunks(rec, done, cfg.batch_size)
         chunks += slide_chunks
         total += int((~done).sum())
@@ -292,7 +297,7 @@ def _embed_views(cfg, layout, records, writers, teacher, fp, progress, failed, c
     _check_stored_canaries(cfg, layout, records, writers, dataset)
     writers.close()  # the read pass's writers; the writer thread gets its own, one shard at a time
     writers = ShardWriters(layout, max_open=len(shard_chunks) + 1)
-    stager = _stager(cfg, records, remaining)
+    stager = _stager(cfg, records, read_from_slide)
     dataset.staged = stager.paths() if stager else {}
     unread = {sid: n for sid, n in remaining.items() if n}  # chunks still to come out of the loader
     bg = BackgroundWriter()
@@ -398,11 +403,12 @@ def _planned_bytes_per_tile(layout: CacheLayout) -> float:
     return float(plan.get("bytes_per_tile") or 0)
 
 
-def _stager(cfg: BuildConfig, records: list[dict], chunks_left: dict[str, int]) -> SlideStager | None:
-    """With --stage-dir: the copier of this pass's slides to local disk, in the order they are read."""
+def _stager(cfg: BuildConfig, records: list[dict], read_from_slide: set[str]) -> SlideStager | None:
+    """With --stage-dir: the copier to local disk of this pass's slides that are read (those whose
+    missing views need tiles not stored yet; adding a teacher reads none), in the order they are read."""
     if not cfg.stage_dir:
         return None
-    return SlideStager(cfg.stage_dir, [(r["slide_id"], r["path"]) for r in records if chunks_left[r["slide_id"]]],
+    return SlideStager(cfg.stage_dir, [(r["slide_id"], r["path"]) for r in records if r["slide_id"] in read_from_slide],
                        cfg.stage_ahead)
 
 

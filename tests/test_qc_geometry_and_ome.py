@@ -130,3 +130,16 @@ def test_a_plan_of_an_ome_tiff_records_its_mpp(ome_slides, tmp_path):
     assert plan["tiles"]["total"] > 0 and not plan.get("failed")
     qc = json.loads((tmp_path / "cache" / "qc" / "flat.ome.geojson").read_text())
     assert any(f["properties"]["objectType"] == "tile" for f in qc["features"])
+
+
+def test_ome_tiffs_build_into_a_cache_and_its_page(ome_slides, tmp_path):
+    from helpers import small_config
+    from g2l_cache.build import run_build
+    from g2l_cache.reader import CacheReader
+
+    summary = run_build(small_config(tmp_path / "cache", list(ome_slides), mpp=0.5, max_tiles_per_slide=4))
+    assert summary.slides_ok == 2 and summary.slides_failed == 0
+    slides = CacheReader(str(tmp_path / "cache")).slides()
+    assert slides["mpp"].to_list() == [0.25, 0.25] and set(slides["mpp_source"]) == {"slide"}
+    page = (tmp_path / "cache" / "report.html").read_text()
+    assert "flat.ome" in page and "pyramid.ome" in page

@@ -157,6 +157,15 @@ def test_a_build_staged_through_a_local_folder_equals_an_unstaged_one(built_cach
     run_build(small_config(workers, [demo_dir], stage_dir=str(stage), stage_ahead=1, num_workers=2))
     assert cache_content(workers) == cache_content(built_cache)
     assert list(stage.iterdir()) == []
+    # adding a teacher reads only stored tiles: nothing is staged
+    import g2l_cache.staging as staging
+
+    copied = []
+    real_copy = staging.copy_file
+    monkeypatch.setattr(staging, "copy_file", lambda *a, **kw: (copied.append(a), real_copy(*a, **kw))[1])
+    opened.clear()
+    second = run_build(small_config(out, [demo_dir], teacher="vit_small_patch16_224", stage_dir=str(stage)))
+    assert second.targets_written == second.views and copied == [] and opened == []
 
 
 def test_a_copy_that_fails_is_read_in_place(built_cache, demo_dir, tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from g2l_cache.annotations import SlideAnnotation, find_annotation, read_regions

@@ -54,14 +54,15 @@ def test_the_view_index_replays_the_same_pixels_as_the_drawn_params():
 
 
 def test_workers_default_to_the_cores_shared_by_the_local_processes(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    # the cores this process may use (its affinity: what Slurm and cgroups give it)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert worker_count_hint() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert worker_count_hint() == 7
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert worker_count_hint() == 1
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert worker_count_hint() == 1
 

@@ -209,10 +209,12 @@ def test_a_moved_slide_folder_costs_nothing(demo_dir, tmp_path):
     assert {s["path"] for s in read_manifest(cache)["slide_inputs"]} == set(paths)
     strip = {k: v for k, v in before.items() if k != "slides"}
     assert strip == {k: v for k, v in after.items() if k != "slides"}
-    # a slide whose content changed at its old name is planned again
+    # a slide whose content changed at its old name: its stored work is kept unless a re-plan is asked for
     victim = sorted(moved.glob("*.tif"))[0]
     victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
-    again = run_build(small_config(cache, [moved], teacher="vit_tiny_patch16_224"))
+    with pytest.raises(G2LError, match=f"{victim.stem} \\(its file's content changed\\)"):
+        run_build(small_config(cache, [moved], teacher="vit_tiny_patch16_224"))
+    again = run_build(small_config(cache, [moved], teacher="vit_tiny_patch16_224", replan_changed=True))
     assert again.targets_written > 0
 
 

@@ -290,7 +290,9 @@ def test_output_folder_rules_and_changed_cache(built_cache, demo_dir, tmp_path):
     assert (occupied / "notes.txt").read_text() == "keep"
     # the cache gains a slide: resuming the old run must refuse
     no_mpp = demo_dir / "no_mpp" / "slide-no-mpp.tif"
-    run_build(small_config(cache, [demo_dir, no_mpp], mpp_override=0.5))
+    csv = tmp_path / "more-slides.csv"
+    csv.write_text(f"path,slide_id,mpp\n{no_mpp},slide-no-mpp,0.5\n")  # its own mpp: the others keep theirs
+    run_build(small_config(cache, [demo_dir, csv]))
     with pytest.raises(G2LError, match="cache changed"):
         fit(fit_config(cache, out, steps=3, resume=True))
 

@@ -83,10 +83,10 @@ MIN_RING_PX = 16  # rings enclosing fewer mask pixels (16 um square at 4 mpp, a 
 def tissue_polygons(mask: np.ndarray, slide_width: int, slide_height: int,
                     counts: dict[str, int] | None = None) -> list[dict]:
     """The mask's regions as valid GeoJSON polygons (holes kept) in level-0 pixels. The mask is smoothed
-    by one mask pixel, rings are simplified (Douglas-Peucker at SIMPLIFY_PX) before any repair, specks under MIN_RING_PX are left out, and a
-    polygon that is not valid is repaired ring by ring, so the work and the vertices written are bounded
-    by the mask's size, not by how ragged its edges are (one GEOS repair of an 80,000 px slide's
-    tissue, 80,000 holes, took 300 s). `counts`, when given, receives what each step saw."""
+    by one mask pixel, rings are simplified (Douglas-Peucker at SIMPLIFY_PX) before any repair, specks
+    under MIN_RING_PX are left out, and a polygon that is not valid is repaired ring by ring, so the
+    work and the vertices written are bounded by the mask's size, not by how ragged its edges are (one
+    GEOS repair of an 80,000 px slide's tissue, 80,000 holes, took 300 s). `counts`, when given, receives what each step saw."""
     import cv2
     import shapely
 

@@ -110,9 +110,9 @@ def encode_targets(emb: np.ndarray, patch: np.ndarray) -> np.ndarray:
     bad = ~np.isfinite(payload).all(axis=1)
     if bad.any():
         raise NonFiniteTargets(f"the teacher produced non-finite targets (NaN or beyond fp16's range) for "
-                       f"{int(bad.sum())} of {len(payload)} views; nothing was stored. Check the "
-                       "teacher weights and its mean/std; a teacher whose features exceed 65504 "
-                       "cannot be cached in fp16.")
+                               f"{int(bad.sum())} of {len(payload)} views; nothing was stored. Check the "
+                               "teacher weights and its mean/std; a teacher whose features exceed 65504 "
+                               "cannot be cached in fp16.")
     raw = payload.view(np.uint8).reshape(len(payload), -1)
     crcs = np.array([zlib.crc32(r) for r in raw], dtype="<u4").view(np.uint8).reshape(-1, CRC_BYTES)
     return np.concatenate([raw, crcs], axis=1)

@@ -12,8 +12,8 @@ from g2l_student.rundir import RunDir
 
 # What a resumed run may change: none of these alters what it computes. The cache may move (the
 # run checks the cache's fingerprint instead of its path).
-RESUME_MAY_CHANGE = {"cache", "out", "resume", "auto_resume", "overwrite", "num_workers", "progress", "checkpoint_every",
-                     "keep_checkpoints", "val_every", "accept_changed_views"}
+RESUME_MAY_CHANGE = {"cache", "out", "resume", "auto_resume", "overwrite", "num_workers", "progress",
+                     "checkpoint_every", "keep_checkpoints", "val_every", "accept_changed_views"}
 
 
 @dataclass
